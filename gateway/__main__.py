@@ -1,0 +1,118 @@
+"""The ``mjgate`` command: serve, sim, demo, check-config, hash-key."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from gateway.config import ConfigError, hash_key, load_config, redacted
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    result: int = args.run(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    from gateway.sim import add_sim_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="mjgate", description="A caching gateway for midjourney-proxy-style task APIs."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway (one process)")
+    serve.add_argument("--config", default=os.environ.get("MJGATE_CONFIG"), help="YAML file")
+    serve.add_argument("--host", help="overrides server.host")
+    serve.add_argument("--port", type=int, help="overrides server.port")
+    serve.set_defaults(run=_serve)
+
+    sim = commands.add_parser("sim", help="run a simulated midjourney-proxy upstream")
+    add_sim_arguments(sim)
+    sim.set_defaults(run=_sim)
+
+    demo = commands.add_parser("demo", help="two sims and a gateway wired to them, in one go")
+    demo.add_argument("--port", type=int, default=8080, help="the gateway's port")
+    demo.set_defaults(run=_demo)
+
+    check = commands.add_parser("check-config", help="validate a config and print it redacted")
+    check.add_argument("file")
+    check.set_defaults(run=_check_config)
+
+    hash_cmd = commands.add_parser("hash-key", help="read a key on stdin, print its key_sha256")
+    hash_cmd.set_defaults(run=_hash_key)
+    return parser
+
+
+def _load(path: str | None) -> object:
+    if not path:
+        print("mjgate: no config file: pass --config FILE or set MJGATE_CONFIG", file=sys.stderr)
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"mjgate: invalid config {path}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.config import Config
+    from gateway.server import serve
+
+    config = _load(args.config)
+    if not isinstance(config, Config):
+        return 2
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from gateway.sim import run_sim
+
+    run_sim(args)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    run_demo(args.port)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return 2
+    from gateway.config import Config
+
+    assert isinstance(config, Config)
+    print(f"# {args.file}: valid")
+    print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        print("mjgate: no key on standard input", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

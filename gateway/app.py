@@ -1,0 +1,124 @@
+"""The ASGI application: ``create_app(config)`` wires middleware, routes and services."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import orjson
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.auth import AuthMiddleware, ClientRegistry
+from gateway.config import Config, load_config
+from gateway.errors import GatewayError, error_response
+from gateway.handlers import Handlers
+from gateway.logs import configure_logging
+from gateway.lookup import UpstreamFailures
+from gateway.middleware import RequestContextMiddleware, request_info
+from gateway.store import StoreError
+
+__all__ = ["create_app", "factory", "secrets_of"]
+
+log = structlog.get_logger("mjgate.app")
+
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def create_app(config: Config) -> Starlette:
+    """Build the gateway. Clients and pools are created in the lifespan, not here, so the app
+    may be built before a fork (gunicorn ``preload_app``)."""
+    handlers = Handlers(config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await handlers.start()
+        log.info("started", upstreams=[u.name for u in config.upstreams])
+        try:
+            yield
+        finally:
+            await handlers.aclose()
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def readyz(request: Request) -> Response:
+        try:
+            async with asyncio.timeout(max(config.redis.socket_timeout_s, 0.1) * 2):
+                await handlers.store.ping()
+        except (StoreError, TimeoutError) as exc:
+            log.warning("store_error", operation="ping", error=str(exc) or "timeout")
+            body = {"status": "not ready", "store": "unreachable"}
+            return Response(orjson.dumps(body), 503, media_type="application/json")
+        return Response(b'{"status":"ready","store":"ok"}', media_type="application/json")
+
+    app = Starlette(
+        routes=[Route("/healthz", healthz), Route("/readyz", readyz), *handlers.routes()],
+        middleware=[
+            Middleware(RequestContextMiddleware, quiet_paths=HEALTH_PATHS),
+            Middleware(AuthMiddleware, registry=ClientRegistry(config), public_paths=HEALTH_PATHS),
+        ],
+        exception_handlers={
+            GatewayError: _gateway_error,
+            UpstreamFailures: _upstream_failures,
+            HTTPException: _http_exception,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+    return app
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(
+        exc.status, exc.description, request_info(request.scope).request_id, exc.headers
+    )
+
+
+async def _upstream_failures(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, UpstreamFailures)
+    for error in exc.errors:
+        log.warning("upstream_error", upstream=error.upstream, kind=error.kind, error=str(error))
+    status = 504 if exc.timed_out else 502
+    return error_response(status, str(exc), request_info(request.scope).request_id)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        description = f"no such route: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        description = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        description = str(exc.detail)
+    return error_response(exc.status_code, description, request_info(request.scope).request_id)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled_error", exc_info=exc)
+    request_id = request.scope.get("mjgate.request") and request_info(request.scope).request_id
+    return error_response(500, "internal gateway error", request_id or "-")
+
+
+def secrets_of(config: Config) -> list[str]:
+    """Every secret value in the config, for the log redactor."""
+    secrets = [u.key.reveal() for u in config.upstreams]
+    redis_url = config.redis.url.reveal()
+    if "@" in redis_url:
+        secrets.append(redis_url.split("@", 1)[0].rsplit(":", 1)[-1])
+    return secrets
+
+
+def factory() -> Starlette:
+    """The app for gunicorn or uvicorn ``--factory``: config from ``MJGATE_CONFIG``."""
+    config = load_config(os.environ.get("MJGATE_CONFIG", "config.yaml"))
+    configure_logging(config.logging, secrets_of(config))
+    return create_app(config)

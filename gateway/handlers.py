@@ -1,0 +1,266 @@
+"""Route handlers: one method per route family, and the route table."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.auth import caller
+from gateway.config import Config
+from gateway.errors import GatewayError
+from gateway.lookup import TaskLookup, UpstreamFailures, call
+from gateway.middleware import RequestInfo, request_info
+from gateway.owners import OwnerMap
+from gateway.store import KeySpace, Store, open_store
+from gateway.tasks import is_not_found, valid_task_id
+from gateway.upstreams import Upstream, UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.validation import (
+    NAME_SEGMENT,
+    check_submit_fields,
+    parent_task_id,
+    read_ids,
+    read_json_object,
+    require_task_id,
+)
+
+__all__ = [
+    "MODES",
+    "Handlers",
+    "accepted_task_id",
+    "forward",
+    "should_fail_over",
+]
+
+# Speed-mode prefixes of new-api relays (`/mj-fast/mj/submit/imagine`); kept when forwarding.
+MODES = ("", "/mj-fast", "/mj-relax", "/mj-turbo")
+ACCEPTED_CODES = frozenset({1, 21, 22})
+_SAFE_QUERY = re.compile(r"[A-Za-z0-9_.~%&=+,-]*")
+
+
+class Handlers:
+    """The gateway's endpoints and the services they use.
+
+    Services are opened by ``start`` in the app's lifespan, not at construction, so the app
+    may be built before a fork (gunicorn ``preload_app``) without sharing sockets.
+    """
+
+    store: Store
+    pool: UpstreamPool
+    owners: OwnerMap
+    lookup: TaskLookup
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.max_body = config.server.max_body_bytes
+
+    async def start(self) -> None:
+        config = self.config
+        self.store = open_store(config.redis)
+        self.pool = UpstreamPool([Upstream(u) for u in config.upstreams])
+        keys = KeySpace(config.redis.key_prefix)
+        self.owners = OwnerMap(
+            self.store, keys, config.cache.owner_ttl_s, config.cache.l1_max_entries
+        )
+        self.lookup = TaskLookup(self.owners, config.fanout)
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+        await self.store.close()
+
+    def routes(self) -> list[BaseRoute]:
+        routes: list[BaseRoute] = []
+        for mode in MODES:
+            base = f"{mode}/mj"
+
+            def bound(method: Any, mode: str = mode) -> Any:
+                return functools.partial(method, mode)
+
+            routes += [
+                Route(f"{base}/task/{{task_id}}/fetch", bound(self.fetch), methods=["GET"]),
+                Route(f"{base}/task/list-by-condition", bound(self.list_by_ids), methods=["POST"]),
+                Route(f"{base}/task/list-by-ids", bound(self.list_by_ids), methods=["POST"]),
+                Route(f"{base}/submit/{{kind}}", bound(self.submit), methods=["POST"]),
+                Route(f"{base}/insight-face/{{kind}}", bound(self.submit), methods=["POST"]),
+                Route(
+                    f"{base}/task/{{task_id}}/{{action}}",
+                    bound(self.task_action),
+                    methods=["GET", "POST"],
+                ),
+            ]
+        routes += [
+            Route(path, self.passthrough, methods=["GET", "POST"])
+            for path in self.config.passthrough
+        ]
+        return routes
+
+    def _allowed(self, request: Request) -> tuple[Upstream, ...]:
+        return self.pool.allowed(caller(request.scope).upstreams)
+
+    async def fetch(self, mode: str, request: Request) -> Response:
+        task_id = require_task_id(request.path_params["task_id"])
+        info = request_info(request.scope)
+        response = await self._lookup(
+            self.lookup.fetch(mode, task_id, self._allowed(request), info)
+        )
+        if response is None:
+            raise GatewayError(404, f"task {task_id} not found")
+        info.cache = "MISS"
+        return forward(response)
+
+    async def list_by_ids(self, mode: str, request: Request) -> Response:
+        ids = await read_ids(request, self.max_body, self.config.fanout.max_ids)
+        info = request_info(request.scope)
+        result = await self._lookup(self.lookup.list_tasks(mode, ids, self._allowed(request), info))
+        headers = {"x-gateway-partial": ",".join(result.failed)} if result.failed else None
+        info.cache = "PARTIAL" if result.failed else "MISS"
+        return Response(orjson.dumps(result.tasks), headers=headers, media_type="application/json")
+
+    async def submit(self, mode: str, request: Request) -> Response:
+        kind = request.path_params["kind"]
+        if not NAME_SEGMENT.fullmatch(kind):
+            raise GatewayError(404, f"unknown submit route: {kind!r}")
+        data = await read_json_object(request, self.max_body)
+        check_submit_fields(data)
+        info = request_info(request.scope)
+        allowed = self._allowed(request)
+        parent = parent_task_id(kind, data)
+        if parent is not None:
+            owner = await self._lookup(self.lookup.owner_of(mode, parent, allowed, info))
+            if owner is None:
+                raise GatewayError(404, f"parent task {parent} not found")
+            targets = [owner]
+        else:
+            targets = self.pool.submit_order(allowed)
+        if not targets:
+            raise GatewayError(503, "no upstream is available for submits")
+        response = await self._submit_to(targets, request.url.path, orjson.dumps(data), info)
+        task_id = accepted_task_id(response)
+        if task_id is not None:
+            await self.owners.record(task_id, response.upstream)
+        return forward(response)
+
+    async def _submit_to(
+        self, targets: Sequence[Upstream], path: str, body: bytes, info: RequestInfo
+    ) -> UpstreamResponse:
+        """Send to the first target that takes it.
+
+        Moves on only when the upstream surely did not take the work: a queue-full answer,
+        429/503, or a connection that never opened. After a timeout the work may exist, and
+        sending it again could pay for the same image twice, so that fails instead.
+        """
+        refused: list[UpstreamError] = []
+        response: UpstreamResponse | None = None
+        for upstream in targets:
+            try:
+                response = await call(upstream, info, "POST", path, body)
+            except UpstreamError as exc:
+                if exc.sent:
+                    raise UpstreamFailures([exc]) from None
+                refused.append(exc)
+                continue
+            if not should_fail_over(response):
+                return response
+        if response is not None:
+            return response
+        raise UpstreamFailures(refused)
+
+    async def task_action(self, mode: str, request: Request) -> Response:
+        task_id = require_task_id(request.path_params["task_id"])
+        action = request.path_params["action"]
+        if not NAME_SEGMENT.fullmatch(action):
+            raise GatewayError(404, f"unknown task action: {action!r}")
+        data = None
+        if request.method == "POST":
+            data = await read_json_object(request, self.max_body, optional=True)
+        info = request_info(request.scope)
+        owner = await self._lookup(
+            self.lookup.owner_of(mode, task_id, self._allowed(request), info)
+        )
+        if owner is None:
+            raise GatewayError(404, f"task {task_id} not found")
+        body = orjson.dumps(data) if data is not None else None
+        response = await self._lookup(call(owner, info, request.method, request.url.path, body))
+        if is_not_found(response.status, response.content):
+            raise GatewayError(404, f"task {task_id} not found")
+        return forward(response)
+
+    async def passthrough(self, request: Request) -> Response:
+        """A path the config lists under ``passthrough``: forwarded as it is to one upstream."""
+        data = None
+        if request.method == "POST":
+            data = await read_json_object(request, self.max_body, optional=True)
+        query = request.url.query
+        if not _SAFE_QUERY.fullmatch(query):
+            raise GatewayError(400, "query string has characters that are not allowed")
+        path = request.url.path + (f"?{query}" if query else "")
+        targets = self.pool.submit_order(self._allowed(request))
+        if not targets:
+            raise GatewayError(503, "no upstream is available")
+        info = request_info(request.scope)
+        body = orjson.dumps(data) if data is not None else None
+        for upstream in targets:
+            try:
+                return forward(await call(upstream, info, request.method, path, body))
+            except UpstreamError as exc:
+                if exc.sent or upstream is targets[-1]:
+                    raise UpstreamFailures([exc]) from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _lookup(awaitable: Any) -> Any:
+        """Await an upstream call, turning a lone UpstreamError into UpstreamFailures."""
+        try:
+            return await awaitable
+        except UpstreamError as exc:
+            raise UpstreamFailures([exc]) from None
+
+
+def forward(response: UpstreamResponse) -> Response:
+    """The upstream's answer as it came: same status, same bytes."""
+    return Response(
+        response.content,
+        status_code=response.status,
+        headers={"content-type": response.content_type},
+    )
+
+
+def _envelope(response: UpstreamResponse) -> dict[str, Any] | None:
+    if response.status != 200:
+        return None
+    try:
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def should_fail_over(response: UpstreamResponse) -> bool:
+    """Did the upstream refuse the work without doing any of it?"""
+    if response.status in (429, 503):
+        return True
+    envelope = _envelope(response)
+    if envelope is None:
+        return False
+    code = envelope.get("code")
+    if code == 23:
+        return True
+    # The C# upstream reports a full queue as a plain system error.
+    description = str(envelope.get("description") or envelope.get("message") or "").lower()
+    return code == 9 and ("queue" in description or "队列" in description)
+
+
+def accepted_task_id(response: UpstreamResponse) -> str | None:
+    """The new task's id when the envelope says the submit was taken."""
+    envelope = _envelope(response)
+    if envelope is None or envelope.get("code") not in ACCEPTED_CODES:
+        return None
+    result = envelope.get("result")
+    task_id = str(result) if isinstance(result, int | str) and not isinstance(result, bool) else ""
+    return task_id if valid_task_id(task_id) else None

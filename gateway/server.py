@@ -1,0 +1,34 @@
+"""Running the gateway in one process with uvicorn (gunicorn uses ``gateway.app:factory``)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from gateway.app import create_app, secrets_of
+from gateway.config import Config
+from gateway.logs import configure_logging
+
+__all__ = ["serve", "uvicorn_config"]
+
+
+def uvicorn_config(
+    config: Config, host: str | None = None, port: int | None = None
+) -> uvicorn.Config:
+    """uvicorn settings for the gateway: uvloop, httptools, and no access log of its own
+    (the gateway writes one line per request itself)."""
+    return uvicorn.Config(
+        create_app(config),
+        host=host or config.server.host,
+        port=port or config.server.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+        timeout_keep_alive=75,
+    )
+
+
+def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
+    configure_logging(config.logging, secrets_of(config))
+    uvicorn.Server(uvicorn_config(config, host, port)).run()

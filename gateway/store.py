@@ -1,0 +1,186 @@
+"""The shared store: owners, cached task bodies and limits live here.
+
+``MemoryStore`` is the embedded default (one process, nothing to install); ``RedisStore`` is
+shared by every worker and replica. Both speak the same small async protocol of byte values
+with millisecond TTLs. A store failure raises ``StoreError``; callers decide whether that is a
+cache miss or a refusal, so a slow store never stalls a request for long.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.config import RedisConfig
+
+__all__ = ["KeySpace", "MemoryStore", "RedisStore", "Store", "StoreError", "open_store"]
+
+
+class StoreError(Exception):
+    """The store did not answer in time or answered with an error."""
+
+
+class Store(Protocol):
+    """What the gateway needs from a key-value store."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    async def set(self, key: str, value: bytes, ttl_ms: int) -> None: ...
+
+    async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None: ...
+
+    async def delete(self, keys: Sequence[str]) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class KeySpace:
+    """Builds store keys. The task id is the hash tag, so one task's keys share a cluster slot."""
+
+    __slots__ = ("_prefix",)
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+
+    def owner(self, task_id: str) -> str:
+        return f"{self._prefix}:{{{task_id}}}:owner"
+
+
+class MemoryStore:
+    """An in-process store bounded to ``max_keys`` entries, oldest write evicted first."""
+
+    def __init__(self, max_keys: int = 1_000_000) -> None:
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._max_keys = max_keys
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._data[key]
+            return None
+        return entry[1]
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [await self.get(key) for key in keys]
+
+    async def set(self, key: str, value: bytes, ttl_ms: int) -> None:
+        if ttl_ms <= 0:
+            self._data.pop(key, None)
+            return
+        self._data[key] = (time.monotonic() + ttl_ms / 1000, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self._max_keys:
+            self._data.popitem(last=False)
+
+    async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        for key, value in items.items():
+            await self.set(key, value, ttl_ms)
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._data.pop(key, None)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._data.clear()
+
+
+class RedisStore:
+    """Redis through a bounded blocking pool, short timeouts and no retries.
+
+    A retry on a slow Redis multiplies the load that made it slow; one short attempt that
+    fails fast turns into a cache miss upstream of here instead.
+    """
+
+    def __init__(self, config: RedisConfig) -> None:
+        pool = redis.BlockingConnectionPool.from_url(
+            config.url.reveal(),
+            max_connections=config.max_connections,
+            timeout=config.pool_timeout_s,
+            socket_timeout=config.socket_timeout_s,
+            socket_connect_timeout=config.socket_timeout_s,
+        )
+        self._redis = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            value = await self._redis.get(key)
+        except RedisError as exc:
+            raise StoreError(f"redis GET failed: {type(exc).__name__}") from exc
+        return _as_bytes(value)
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        try:
+            values = await self._redis.mget(keys)
+        except RedisError as exc:
+            raise StoreError(f"redis MGET failed: {type(exc).__name__}") from exc
+        return [_as_bytes(v) for v in values]
+
+    async def set(self, key: str, value: bytes, ttl_ms: int) -> None:
+        try:
+            if ttl_ms > 0:
+                await self._redis.set(key, value, px=ttl_ms)
+            else:
+                await self._redis.delete(key)
+        except RedisError as exc:
+            raise StoreError(f"redis SET failed: {type(exc).__name__}") from exc
+
+    async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        if not items or ttl_ms <= 0:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(key, value, px=ttl_ms)
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreError(f"redis pipeline SET failed: {type(exc).__name__}") from exc
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.delete(key)
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreError(f"redis DEL failed: {type(exc).__name__}") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as exc:
+            raise StoreError(f"redis PING failed: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    # The client never decodes responses; this only narrows redis-py's union type.
+    return value.encode() if isinstance(value, str) else value
+
+
+def open_store(config: RedisConfig) -> Store:
+    """The store the config asks for: Redis when ``redis.url`` is set, else in-process memory."""
+    if config.url.reveal():
+        return RedisStore(config)
+    return MemoryStore()

@@ -1,0 +1,199 @@
+"""Upstream providers: one HTTP client each, key injection, and picking one for a submit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from gateway.config import UpstreamConfig
+
+__all__ = [
+    "FailureKind",
+    "Upstream",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+]
+
+FailureKind = Literal["connect", "timeout", "broken"]
+
+# Caller headers worth passing on. Everything else is dropped, the caller's own credentials
+# and hop-by-hop headers included: an allow-list cannot leak a header nobody thought of.
+FORWARDED_HEADERS = frozenset({"accept-language", "user-agent"})
+
+# An upstream whose connection was refused is tried last for this long.
+_COOLDOWN_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """An upstream's answer, body unread by anyone but us: forwarded as these exact bytes."""
+
+    upstream: str
+    status: int
+    content: bytes
+    content_type: str
+    elapsed_s: float
+
+
+class UpstreamError(Exception):
+    """No answer from an upstream.
+
+    ``sent`` is False only when the request surely never left (connection refused, connect
+    timeout): such a request may be repeated elsewhere without buying anything twice.
+    """
+
+    def __init__(self, upstream: str, kind: FailureKind, sent: bool, detail: str) -> None:
+        super().__init__(f"upstream {upstream}: {detail}")
+        self.upstream = upstream
+        self.kind = kind
+        self.sent = sent
+
+
+class Upstream:
+    """One provider. Holds its key and adds it to every request in the provider's style."""
+
+    def __init__(
+        self, config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        limits = httpx.Limits(
+            max_connections=config.max_concurrency,
+            max_keepalive_connections=config.max_concurrency,
+            keepalive_expiry=30.0,
+        )
+        key = config.key.reveal()
+        self._auth_header = (
+            ("authorization", f"Bearer {key}")
+            if config.auth == "bearer"
+            else ("mj-api-secret", key)
+        )
+        self._client = httpx.AsyncClient(
+            base_url=config.base_url,
+            transport=transport or AiohttpTransport(limits=limits, trust_env=False),
+            timeout=httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 5.0)),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self.refused_at = -_COOLDOWN_S
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.name}>"
+
+    @property
+    def cooling_down(self) -> bool:
+        return time.monotonic() - self.refused_at < _COOLDOWN_S
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        request_id: str,
+        body: bytes | None = None,
+        caller_headers: Iterable[tuple[str, str]] = (),
+        timeout_s: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one request; raise UpstreamError when no HTTP answer came back."""
+        headers = [(k, v) for k, v in caller_headers if k in FORWARDED_HEADERS]
+        headers += [("accept", "application/json"), ("x-request-id", request_id), self._auth_header]
+        if body is not None:
+            headers.append(("content-type", "application/json"))
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout_s or self.config.timeout_s):
+                response = await self._client.request(method, path, content=body, headers=headers)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            kind, sent = _classify(exc)
+            if kind == "connect":
+                self.refused_at = time.monotonic()
+            raise UpstreamError(self.name, kind, sent, _describe(kind, sent)) from None
+        return UpstreamResponse(
+            upstream=self.name,
+            status=response.status_code,
+            content=response.content,
+            content_type=response.headers.get("content-type", "application/json"),
+            elapsed_s=time.perf_counter() - started,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _classify(exc: BaseException) -> tuple[FailureKind, bool]:
+    """What went wrong and whether the request may have reached the upstream.
+
+    The aiohttp transport maps several aiohttp errors onto one httpx class (a server that
+    hung up after reading the request becomes ``ConnectTimeout``), so judge by the cause.
+    """
+    if isinstance(exc, TimeoutError):
+        return "timeout", True
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return "connect", False
+    if isinstance(cause, aiohttp.ConnectionTimeoutError):
+        return "timeout", False
+    if isinstance(cause, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout", True
+    if cause is None or not isinstance(cause, aiohttp.ClientError):
+        if isinstance(exc, httpx.ConnectError):
+            return "connect", False
+        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            return "timeout", False
+        if isinstance(exc, httpx.TimeoutException):
+            return "timeout", True
+    return "broken", True
+
+
+def _describe(kind: FailureKind, sent: bool) -> str:
+    if kind == "connect":
+        return "connection refused or unreachable"
+    if kind == "timeout":
+        return "timed out after the request was sent" if sent else "timed out connecting"
+    return "connection broke before a complete answer"
+
+
+class UpstreamPool:
+    """All configured upstreams, in config order."""
+
+    def __init__(self, upstreams: Sequence[Upstream], rng: random.Random | None = None) -> None:
+        self._by_name = {u.name: u for u in upstreams}
+        self.all: tuple[Upstream, ...] = tuple(upstreams)
+        self._rng = rng or random.Random()
+
+    def get(self, name: str) -> Upstream | None:
+        return self._by_name.get(name)
+
+    def allowed(self, names: tuple[str, ...] | None) -> tuple[Upstream, ...]:
+        """The upstreams a caller with this allow-list may reach (None: all of them)."""
+        if names is None:
+            return self.all
+        return tuple(u for u in self.all if u.name in names)
+
+    def submit_order(self, candidates: Sequence[Upstream]) -> list[Upstream]:
+        """Candidates in the order to try a submit: by weight, those cooling down last.
+
+        Weighted sampling without replacement, so a refused submit moves on to another
+        upstream in proportion to the weights that remain. Weight 0 means lookups only.
+        """
+        ready = [u for u in candidates if u.config.weight > 0 and not u.cooling_down]
+        cooling = [u for u in candidates if u.config.weight > 0 and u.cooling_down]
+        return self._weighted(ready) + self._weighted(cooling)
+
+    def _weighted(self, upstreams: list[Upstream]) -> list[Upstream]:
+        # Efraimidis-Spirakis: sort by u^(1/w), one pass, exact weighted order.
+        keyed = [(self._rng.random() ** (1.0 / u.config.weight), u) for u in upstreams]
+        keyed.sort(key=lambda pair: pair[0], reverse=True)
+        return [u for _, u in keyed]
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(u.aclose() for u in self.all), return_exceptions=True)
