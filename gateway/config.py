@@ -193,7 +193,7 @@ def config_from_dict(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed config document (``${VAR}`` still allowed in strings)."""
     problems: list[str] = []
     data = _interpolate(data, "", os.environ if env is None else env, problems)
-    reader = _Reader(problems)
+    reader = _Reader(problems, unset=frozenset(p.split(":", 1)[0] for p in problems))
     config = reader.config(data)
     if problems:
         raise ConfigError(problems)
@@ -233,10 +233,14 @@ T = TypeVar("T")
 class _Reader:
     """Walks the document, converting values and recording problems with their paths."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], unset: frozenset[str]) -> None:
         self.problems = problems
+        # Paths whose ${VAR} was unset: already reported, so not reported again as empty.
+        self.unset = unset
 
     def fail(self, path: str, message: str) -> None:
+        if any(p == path or p.startswith((f"{path}.", f"{path}[")) for p in self.unset):
+            return
         self.problems.append(f"{path}: {message}")
 
     def mapping(self, node: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:

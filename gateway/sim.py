@@ -14,11 +14,9 @@ import asyncio
 import dataclasses
 import hmac
 import random
-import re
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -30,19 +28,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from .simtasks import (
-    FAIL_REASONS,
-    TERMINAL,
-    Art,
-    Json,
-    SimTask,
-    TaskStore,
-    action_for_custom_id,
-    playing_task,
-    query_page,
-    scrambled,
-    seeded_task,
-)
+from .simtasks import Art, BadRequest, Call, Handler, Json, Reply, TaskRoutes, seeded_task
 
 __all__ = ["SimSettings", "add_sim_arguments", "create_sim_app", "run_sim", "settings_from_args"]
 
@@ -64,11 +50,15 @@ RUNTIME_FIELDS = (
     "task_seconds",
 )
 PREFIXES = ("/mj", "/mj-fast", "/mj-relax", "/mj-turbo")
-HISTORY = 200
-QUEUE_SLOTS = 3
+HISTORY = 200  # recent requests kept for /_sim/stats headers and paths
 _JSON = b"application/json"
-_BANNED = re.compile(r"\bbanned\b", re.IGNORECASE)
-_SIMPLE_CHANGE = re.compile(r"^\s*(\S+)\s+([UV][1-4]|R)\s*$", re.IGNORECASE)
+NOT_FOUND_REPLIES: dict[str, Reply] = {
+    "empty": (200, b"", b""),
+    "204": (204, b"", b""),
+    "null": (200, b"null", _JSON),
+    "400": (400, b'{"code":4,"description":"task_no_found","result":null}', _JSON),
+    "404": (404, b'{"code":3,"description":"task not found"}', _JSON),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,48 +92,8 @@ class SimSettings:
             raise ValueError(f"flavor must be one of {', '.join(FLAVOR_AUTH)}")
 
 
-Reply = tuple[int, bytes, bytes]  # status, body, content type (b"" = none)
-
-
-class BadRequest(Exception):
-    """The request body is not the JSON object the route needs."""
-
-
-class Call:
-    """One request to a ``/mj`` route, as a handler sees it."""
-
-    __slots__ = ("params", "raw")
-
-    def __init__(self, params: dict[str, Any], raw: bytes) -> None:
-        self.params = params
-        self.raw = raw
-
-    def json(self) -> Json:
-        if not self.raw.strip():
-            return {}
-        try:
-            value = orjson.loads(self.raw)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest("request body is not valid JSON") from exc
-        if not isinstance(value, dict):
-            raise BadRequest("request body must be a JSON object")
-        return value
-
-
-Handler = Callable[[Call], Reply]
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _dumps(value: Any) -> bytes:
-    return orjson.dumps(value)
-
-
-def _text(body: Json, name: str) -> str:
-    value = body.get(name)
-    return value.strip() if isinstance(value, str) else ""
 
 
 class Stats:
@@ -235,22 +185,20 @@ async def _read_body(receive: Receive) -> bytes:
 
 
 class Sim:
-    """The simulated upstream's state and its ``/mj`` handlers."""
+    """The simulated upstream: settings, stats, and the auth/fault pipeline of ``/mj``."""
 
     def __init__(self, settings: SimSettings) -> None:
         self.settings = settings  # replaced (never mutated) by /_sim/faults
         self.rng = random.Random(settings.seed)
-        self.store = TaskStore()
         self.stats = Stats()
         self.flavor = settings.flavor
         self.key = (settings.key or "").encode()
         self.auth: AuthStyle = settings.auth or FLAVOR_AUTH[settings.flavor]
-        self.not_found = self._not_found_reply(settings.not_found or FLAVOR_NOT_FOUND[self.flavor])
-        self.instance = str(self.rng.randrange(10**18, 10**19))
-
-    # -- request pipeline ------------------------------------------------------------------
+        not_found = NOT_FOUND_REPLIES[settings.not_found or FLAVOR_NOT_FOUND[self.flavor]]
+        self.tasks = TaskRoutes(lambda: self.settings, self.rng, not_found)
 
     async def serve(self, endpoint: MjEndpoint, scope: Scope, receive: Receive) -> Reply:
+        """Latency, auth, hang and error injection, then the route's handler."""
         settings = self.settings
         if settings.latency_ms > 0:
             await asyncio.sleep(settings.latency_ms / 1000)
@@ -273,7 +221,7 @@ class Sim:
         if self.auth == "mj-api-secret":
             given = found.get(b"mj-api-secret")
         elif self.auth == "csharp":
-            # C# upstream: Authorization wins and is compared raw; "Bearer KEY" fails.
+            # The C# upstream reads Authorization first and raw: "Bearer KEY" fails.
             given = found.get(b"authorization", found.get(b"mj-api-secret"))
         else:
             scheme, _, token = found.get(b"authorization", b"").strip().partition(b" ")
@@ -284,373 +232,56 @@ class Sim:
         if self.auth == "mj-api-secret":
             return 401, b"", b""
         if self.auth == "csharp":
-            return 401, self._csharp_error("unauthorized"), _JSON
-        return 401, _dumps({"error": {"message": "invalid token", "type": "auth_error"}}), _JSON
-
-    def _csharp_error(self, message: str) -> bytes:
-        return _dumps({"success": False, "code": -1, "message": message, "timestamp": _now_ms()})
+            return 401, _csharp_error("unauthorized"), _JSON
+        return (
+            401,
+            orjson.dumps({"error": {"message": "invalid token", "type": "auth_error"}}),
+            _JSON,
+        )
 
     def _error(self, status: int, message: str) -> Reply:
-        """An error answer in the flavor's style (Java: Spring's plain reason phrase)."""
+        """An error answer in the flavor's style (Java: the plain reason phrase)."""
         if self.flavor == "java":
             phrases = {400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error"}
             return status, phrases.get(status, b"Error"), b"text/plain; charset=utf-8"
         if self.flavor == "csharp":
-            return status, self._csharp_error(message), _JSON
+            return status, _csharp_error(message), _JSON
         code = {400: 4, 404: 3}.get(status, 9)
-        return status, _dumps({"code": code, "description": message}), _JSON
-
-    @staticmethod
-    def _not_found_reply(style: NotFoundStyle) -> Reply:
-        return {
-            "empty": (200, b"", b""),
-            "204": (204, b"", b""),
-            "null": (200, b"null", _JSON),
-            "400": (400, b'{"code":4,"description":"task_no_found","result":null}', _JSON),
-            "404": (404, b'{"code":3,"description":"task not found"}', _JSON),
-        }[style]
+        return status, orjson.dumps({"code": code, "description": message}), _JSON
 
     def not_served(self, call: Call) -> Reply:
-        """A route this sim is configured not to serve (other list spelling, query)."""
+        """A route this sim is configured not to serve (the other list spelling, query)."""
         return self._error(404, "route not served by this upstream")
-
-    # -- submits ---------------------------------------------------------------------------
-
-    def _envelope(self, code: int, description: str, result: Any = None, **props: Any) -> Reply:
-        body = {"code": code, "description": description, "result": result, "properties": props}
-        return 200, _dumps(body), _JSON
-
-    def _refused(self, prompt: str) -> Reply | None:
-        """Banned prompt or full queue: the submit is not accepted."""
-        if _BANNED.search(prompt):
-            return self._envelope(
-                24, "May contain sensitive words", None, promptEn=prompt, bannedWord="banned"
-            )
-        rate = self.settings.queue_full_rate
-        if rate > 0 and self.rng.random() < rate:
-            if self.flavor == "csharp":
-                return self._envelope(9, "queue is full, please try again later")
-            return self._envelope(
-                23, "队列已满\uff0c请稍后尝试", None, discordInstanceId=self.instance
-            )
-        return None
-
-    def _accept(self, task: SimTask, now: float) -> Reply:
-        ahead = self.store.busy(now)
-        self.store.add(task, now)
-        if task.start is None:
-            return self._envelope(21, "Waiting for window confirm", task.task_id)
-        if ahead > QUEUE_SLOTS:
-            return self._envelope(
-                22,
-                f"In queue, there are {ahead - QUEUE_SLOTS} tasks ahead",
-                task.task_id,
-                numberOfQueues=ahead - QUEUE_SLOTS,
-                discordInstanceId=self.instance,
-            )
-        return self._envelope(1, "Submit success", task.task_id, discordInstanceId=self.instance)
-
-    def new_task(
-        self,
-        action: str,
-        prompt: str,
-        body: Json,
-        *,
-        now: float,
-        task_id: str | None = None,
-        modal: bool = False,
-        custom_id: str = "",
-        properties: Json | None = None,
-        extra: Json | None = None,
-    ) -> SimTask:
-        """A playing task; its outcome (SUCCESS or FAILURE) is drawn now."""
-        settings = self.settings
-        failing = settings.failure_rate > 0 and self.rng.random() < settings.failure_rate
-        return playing_task(
-            task_id or self.store.new_id(self.rng, now),
-            action,
-            prompt,
-            now=now,
-            duration=settings.task_seconds,
-            fail_reason=self.rng.choice(FAIL_REASONS) if failing else None,
-            ttl_s=settings.image_ttl_s,
-            art=Art(self.rng),
-            modal=modal,
-            custom_id=custom_id,
-            state=_text(body, "state"),
-            properties=properties,
-            extra=extra,
-        )
-
-    def _submit(self, action: str, prompt: str, body: Json) -> Reply:
-        refused = self._refused(prompt)
-        if refused is not None:
-            return refused
-        now = time.time()
-        return self._accept(self.new_task(action, prompt, body, now=now), now)
-
-    def _parent(self, task_id: Any) -> SimTask | Reply:
-        if not isinstance(task_id, str) or not task_id.strip():
-            return self._envelope(4, "taskId cannot be empty")
-        parent = self.store.get(task_id.strip())
-        if parent is None:
-            return self._envelope(3, "task not found")
-        if parent.status(time.time()) != "SUCCESS":
-            return self._envelope(4, "the related task is not SUCCESS")
-        return parent
-
-    def _follow_up(self, parent: SimTask, action: str, custom_id: str, body: Json) -> Reply:
-        view = parent.view(time.time())
-        prompt = str(view.get("prompt") or "")
-        refused = self._refused(prompt)
-        if refused is not None:
-            return refused
-        now = time.time()
-        modal = "CustomZoom" in custom_id or "Inpaint" in custom_id
-        props = {"finalPrompt": view.get("promptEn") or prompt, "parentTaskId": parent.task_id}
-        task = self.new_task(
-            action, prompt, body, now=now, modal=modal, custom_id=custom_id, properties=props
-        )
-        return self._accept(task, now)
-
-    def imagine(self, call: Call) -> Reply:
-        body = call.json()
-        prompt = _text(body, "prompt")
-        if not prompt:
-            return self._envelope(4, "prompt cannot be empty")
-        return self._submit("IMAGINE", prompt, body)
-
-    def shorten(self, call: Call) -> Reply:
-        body = call.json()
-        prompt = _text(body, "prompt")
-        if not prompt:
-            return self._envelope(4, "prompt cannot be empty")
-        return self._submit("SHORTEN", prompt, body)
-
-    def edits(self, call: Call) -> Reply:
-        body = call.json()
-        prompt = _text(body, "prompt")
-        if not prompt:
-            return self._envelope(4, "prompt cannot be empty")
-        return self._submit("EDIT", prompt, body)
-
-    def video(self, call: Call) -> Reply:
-        body = call.json()
-        prompt = _text(body, "prompt")
-        if not prompt and not body.get("image") and not body.get("base64"):
-            return self._envelope(4, "prompt or image is required")
-        return self._submit("VIDEO", prompt, body)
-
-    def blend(self, call: Call) -> Reply:
-        body = call.json()
-        images = body.get("base64Array")
-        if not isinstance(images, list) or not 2 <= len(images) <= 5:
-            return self._envelope(4, "base64Array must hold 2 to 5 images")
-        return self._submit("BLEND", f"blend of {len(images)} images", body)
-
-    def describe(self, call: Call) -> Reply:
-        body = call.json()
-        if not body.get("base64") and not body.get("link"):
-            return self._envelope(4, "base64 or link is required")
-        return self._submit("DESCRIBE", "", body)
-
-    def show(self, call: Call) -> Reply:
-        body = call.json()
-        if not _text(body, "jobId"):
-            return self._envelope(4, "jobId cannot be empty")
-        return self._submit("SHOW", "", body)
-
-    def swap_face(self, call: Call) -> Reply:
-        body = call.json()
-        if not body.get("sourceBase64") or not body.get("targetBase64"):
-            return self._envelope(4, "sourceBase64 and targetBase64 are required")
-        return self._submit("SWAP_FACE", "", body)
-
-    def upload(self, call: Call) -> Reply:
-        images = call.json().get("base64Array")
-        if not isinstance(images, list) or not images:
-            return self._envelope(4, "base64Array cannot be empty")
-        urls = [
-            f"https://cdn.discordapp.com/attachments/{self.instance}/"
-            f"{self.rng.randrange(10**18, 10**19)}/upload_{n}.png"
-            for n in range(len(images))
-        ]
-        return self._envelope(1, "success", urls)
-
-    def action(self, call: Call) -> Reply:
-        body = call.json()
-        parent = self._parent(body.get("taskId"))
-        if not isinstance(parent, SimTask):
-            return parent
-        custom_id = _text(body, "customId")
-        if not custom_id:
-            return self._envelope(4, "customId cannot be empty")
-        return self._follow_up(parent, action_for_custom_id(custom_id), custom_id, body)
-
-    def change(self, call: Call) -> Reply:
-        body = call.json()
-        parent = self._parent(body.get("taskId"))
-        if not isinstance(parent, SimTask):
-            return parent
-        return self._change(parent, str(body.get("action") or "").upper(), body.get("index"), body)
-
-    def simple_change(self, call: Call) -> Reply:
-        body = call.json()
-        match = _SIMPLE_CHANGE.match(str(body.get("content") or ""))
-        if match is None:
-            return self._envelope(4, "content must look like '<taskId> U1'")
-        parent = self._parent(match[1])
-        if not isinstance(parent, SimTask):
-            return parent
-        kind = match[2].upper()
-        action = {"U": "UPSCALE", "V": "VARIATION", "R": "REROLL"}[kind[0]]
-        return self._change(parent, action, int(kind[1:] or 0), body)
-
-    def _change(self, parent: SimTask, action: str, index: Any, body: Json) -> Reply:
-        job = parent.art.job
-        if action == "REROLL":
-            return self._follow_up(parent, action, f"MJ::JOB::reroll::0::{job}::SOLO", body)
-        if action not in ("UPSCALE", "VARIATION"):
-            return self._envelope(4, "action must be UPSCALE, VARIATION or REROLL")
-        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= 4:
-            return self._envelope(4, "index must be 1 to 4")
-        kind = "upsample" if action == "UPSCALE" else "variation"
-        return self._follow_up(parent, action, f"MJ::JOB::{kind}::{index}::{job}", body)
-
-    def modal(self, call: Call) -> Reply:
-        body = call.json()
-        task_id = body.get("taskId")
-        if not isinstance(task_id, str) or not task_id.strip():
-            return self._envelope(4, "taskId cannot be empty")
-        task = self.store.get(task_id.strip())
-        if task is None:
-            return self._envelope(3, "task not found")
-        now = time.time()
-        if task.status(now) != "MODAL":
-            return self._envelope(4, "the task is not waiting in MODAL")
-        prompt = _text(body, "prompt") or str(task.view(now).get("prompt") or "")
-        refused = self._refused(prompt)
-        if refused is not None:
-            return refused
-        if task.frozen:  # a seeded MODAL task starts playing with today's settings
-            task.frozen, task.duration = False, self.settings.task_seconds
-        task.base = {**task.base, "prompt": prompt, "promptEn": prompt}
-        task.base["properties"] = {**(task.base.get("properties") or {}), "finalPrompt": prompt}
-        if isinstance(body.get("maskBase64"), str):
-            task.base["maskBase64"] = body["maskBase64"]
-        task.start = now
-        self.store.add(task, now)
-        return self._envelope(1, "Submit success", task.task_id, discordInstanceId=self.instance)
-
-    # -- task lookups ----------------------------------------------------------------------
-
-    def fetch(self, call: Call) -> Reply:
-        task = self.store.get(call.params["id"])
-        if task is None:
-            return self.not_found
-        return 200, task.body_bytes(time.time()), _JSON
-
-    def _array(self, tasks: list[SimTask]) -> Reply:
-        now = time.time()
-        return 200, b"[" + b",".join(task.body_bytes(now) for task in tasks) + b"]", _JSON
-
-    def list_by_ids(self, call: Call) -> Reply:
-        ids = call.json().get("ids")
-        wanted = list(dict.fromkeys(str(i) for i in ids)) if isinstance(ids, list) else []
-        found = [task for task in map(self.store.get, wanted) if task is not None]
-        return self._array(scrambled(found, [task.task_id for task in found]))
-
-    def query(self, call: Call) -> Reply:
-        return 200, _dumps(query_page(self.store.views(time.time()), call.json())), _JSON
-
-    def recent(self, call: Call) -> Reply:
-        now = time.time()
-        tasks = sorted(
-            self.store.tasks.values(),
-            key=lambda t: (_int_or_zero(t.view(now).get("submitTime")), t.task_id),
-            reverse=True,
-        )
-        return self._array(tasks[:100])
-
-    def queue(self, call: Call) -> Reply:
-        return self._array(self.store.unfinished(time.time()))
-
-    def image_seed(self, call: Call) -> Reply:
-        task = self.store.get(call.params["id"])
-        if task is None:
-            return self.not_found
-        view = task.view(time.time())
-        if view.get("status") != "SUCCESS":
-            return self._envelope(4, "the task is not SUCCESS")
-        properties = dict(view.get("properties") or {})
-        seed = str(properties.get("seed") or self.rng.randrange(10**8, 10**10))
-        task.freeze({**view, "seed": seed, "properties": {**properties, "seed": seed}})
-        return 200, _dumps({"code": 1, "description": "success", "result": seed}), _JSON
-
-    def cancel(self, call: Call) -> Reply:
-        task = self.store.get(call.params["id"])
-        if task is None:
-            return self.not_found
-        now = time.time()
-        view = task.view(now)
-        if view.get("status") in TERMINAL:
-            return self._envelope(4, "task already finished")
-        task.freeze({**view, "status": "CANCEL", "finishTime": int(now * 1000)})
-        self.store.unfinished(now)
-        return self._envelope(1, "success", task.task_id)
-
-    # -- routes ----------------------------------------------------------------------------
 
     def mj_routes(self, prefix: str) -> list[BaseRoute]:
         """Every ``/mj`` route under ``prefix`` (``/mj`` itself or a speed prefix)."""
         settings = self.settings
-        submit: dict[str, Handler] = {
-            "/submit/imagine": self.imagine,
-            "/submit/action": self.action,
-            "/submit/modal": self.modal,
-            "/submit/blend": self.blend,
-            "/submit/describe": self.describe,
-            "/submit/shorten": self.shorten,
-            "/submit/show": self.show,
-            "/submit/change": self.change,
-            "/submit/simple-change": self.simple_change,
-            "/submit/upload-discord-images": self.upload,
-            "/submit/edits": self.edits,
-            "/submit/video": self.video,
-            "/insight-face/swap": self.swap_face,
+        handlers = self.tasks.handlers()
+        list_paths = {
+            "list-by-ids": "/task/list-by-condition",
+            "list-by-condition": "/task/list-by-ids",
         }
-        served = {"both": ("ids", "condition"), "list-by-ids": ("ids",)}
-        spellings = served.get(settings.list_paths, ("condition",))
-        other: list[tuple[str, str, Handler]] = [
-            ("GET", "/task/{id}/fetch", self.fetch),
-            ("GET", "/task/list", self.recent),
-            ("GET", "/task/queue", self.queue),
-            ("GET", "/task/{id}/image-seed", self.image_seed),
-            ("POST", "/task/{id}/cancel", self.cancel),
-            ("POST", "/task/query", self.query if settings.supports_query else self.not_served),
-            *(
-                (
-                    "POST",
-                    f"/task/list-by-{s}",
-                    self.list_by_ids if s in spellings else self.not_served,
-                )
-                for s in ("ids", "condition")
-            ),
-        ]
-        table = [("POST", path, handler, True) for path, handler in submit.items()]
-        table += [(method, path, handler, False) for method, path, handler in other]
+        unserved = {list_paths.get(settings.list_paths, "")}
+        if not settings.supports_query:
+            unserved.add("/task/query")
         return [
             Route(
                 path,
-                MjEndpoint(self, f"{method} {prefix}{path}", prefix, handler, is_submit),
+                MjEndpoint(
+                    self,
+                    f"{method} {prefix}{path}",
+                    prefix,
+                    self.not_served if path in unserved else handler,
+                    submit=path.startswith(("/submit/", "/insight-face/")),
+                ),
                 methods=[method],
             )
-            for method, path, handler, is_submit in table
+            for (method, path), handler in handlers.items()
         ]
 
 
-def _int_or_zero(value: Any) -> int:
-    return value if isinstance(value, int) else 0
+def _csharp_error(message: str) -> bytes:
+    return orjson.dumps({"success": False, "code": -1, "message": message, "timestamp": _now_ms()})
 
 
 class Control:
@@ -661,7 +292,7 @@ class Control:
 
     @staticmethod
     def _json(value: Any, status: int = 200) -> Response:
-        return Response(_dumps(value), status_code=status, media_type="application/json")
+        return Response(orjson.dumps(value), status_code=status, media_type="application/json")
 
     async def _body(self, request: Request) -> Json:
         raw = await request.body()
@@ -680,7 +311,7 @@ class Control:
         body = await self._body(request)
         self.sim.stats.reset()
         if body.get("tasks") is True:
-            self.sim.store.clear()
+            self.sim.tasks.store.clear()
         return self._json({"ok": True})
 
     async def faults(self, request: Request) -> Response:
@@ -703,7 +334,7 @@ class Control:
         task_id = body.get("id")
         if body.pop("playing", False) is True:
             extra = {k: v for k, v in body.items() if k not in ("action", "prompt")}
-            task = sim.new_task(
+            task = sim.tasks.new_task(
                 str(body.get("action") or "IMAGINE"),
                 str(body.get("prompt") or "a simulated task"),
                 body,
@@ -715,11 +346,11 @@ class Control:
             return self._json({"error": "a seeded task needs a string id"}, 400)
         else:
             task = seeded_task(body, now=now, art=Art(sim.rng), ttl_s=sim.settings.image_ttl_s)
-        sim.store.add(task, now)
+        sim.tasks.store.add(task, now)
         return Response(task.body_bytes(now), media_type="application/json")
 
     async def get_task(self, request: Request) -> Response:
-        task = self.sim.store.get(request.path_params["id"])
+        task = self.sim.tasks.store.get(request.path_params["id"])
         if task is None:
             return self._json({"error": "no such task"}, 404)
         return Response(task.body_bytes(time.time()), media_type="application/json")
