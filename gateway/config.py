@@ -141,12 +141,18 @@ class CacheConfig:
     inflight_ttl_ms: int = 1000
     not_found_ttl_ms: int = 2000
     owner_ttl_s: int = 40 * 86400
+    l1_max_bytes: int = 256 * 1024 * 1024
+    # An L1 entry is re-read from the store after this long, which bounds how long a worker
+    # can serve a body that another worker invalidated.
+    l1_ttl_s: int = 30
+    image_expiry_margin_s: int = 300
 
 
 @dataclass(frozen=True, slots=True)
 class FanoutConfig:
     max_ids: int = 500
     deadline_s: float = 10.0
+    batch_size: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,10 +456,11 @@ class _Reader:
         return CacheConfig(**values)
 
     def fanout(self, node: Any) -> FanoutConfig:
-        m = self.mapping(node, "fanout", ("max_ids", "deadline_s"))
+        m = self.mapping(node, "fanout", ("max_ids", "deadline_s", "batch_size"))
         return FanoutConfig(
             max_ids=self.value(m, "fanout", "max_ids", _to_int, 500, _at_least(1)),
             deadline_s=self.value(m, "fanout", "deadline_s", _to_float, 10.0, _positive),
+            batch_size=self.value(m, "fanout", "batch_size", _to_int, 100, _at_least(1)),
         )
 
     def passthrough(self, node: Any) -> tuple[str, ...]:

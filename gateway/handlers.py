@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -13,6 +14,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.auth import caller
+from gateway.cache import TaskCache
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.lookup import TaskLookup, UpstreamFailures, call
@@ -41,6 +43,9 @@ __all__ = [
 # Speed-mode prefixes of new-api relays (`/mj-fast/mj/submit/imagine`); kept when forwarding.
 MODES = ("", "/mj-fast", "/mj-relax", "/mj-turbo")
 ACCEPTED_CODES = frozenset({1, 21, 22})
+# Task actions after which an upstream's answer for the task differs from the cached one.
+CHANGES_TASK = frozenset({"image-seed", "cancel"})
+INVALIDATE_AGAIN_S = 2.0
 _SAFE_QUERY = re.compile(r"[A-Za-z0-9_.~%&=+,-]*")
 
 
@@ -54,11 +59,13 @@ class Handlers:
     store: Store
     pool: UpstreamPool
     owners: OwnerMap
+    cache: TaskCache
     lookup: TaskLookup
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.max_body = config.server.max_body_bytes
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         config = self.config
@@ -68,9 +75,12 @@ class Handlers:
         self.owners = OwnerMap(
             self.store, keys, config.cache.owner_ttl_s, config.cache.l1_max_entries
         )
-        self.lookup = TaskLookup(self.owners, config.fanout)
+        self.cache = TaskCache(self.store, keys, config.cache, self.owners)
+        self.lookup = TaskLookup(self.owners, self.cache, config.fanout)
 
     async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         await self.pool.aclose()
         await self.store.close()
 
@@ -106,21 +116,22 @@ class Handlers:
     async def fetch(self, mode: str, request: Request) -> Response:
         task_id = require_task_id(request.path_params["task_id"])
         info = request_info(request.scope)
-        response = await self._lookup(
-            self.lookup.fetch(mode, task_id, self._allowed(request), info)
-        )
-        if response is None:
+        allowed = self._allowed(request)
+        answer = self.lookup.fetch_cached(task_id, self.pool.names(allowed))
+        if answer is None:
+            answer = await self._lookup(self.lookup.fetch(mode, task_id, allowed, info))
+        info.cache, info.tier = answer.cache, answer.tier
+        if not answer.found:
             raise GatewayError(404, f"task {task_id} not found")
-        info.cache = "MISS"
-        return forward(response)
+        return Response(answer.body, answer.status, headers={"content-type": answer.content_type})
 
     async def list_by_ids(self, mode: str, request: Request) -> Response:
         ids = await read_ids(request, self.max_body, self.config.fanout.max_ids)
         info = request_info(request.scope)
         result = await self._lookup(self.lookup.list_tasks(mode, ids, self._allowed(request), info))
         headers = {"x-gateway-partial": ",".join(result.failed)} if result.failed else None
-        info.cache = "PARTIAL" if result.failed else "MISS"
-        return Response(orjson.dumps(result.tasks), headers=headers, media_type="application/json")
+        info.cache = result.cache
+        return Response(result.body, headers=headers, media_type="application/json")
 
     async def submit(self, mode: str, request: Request) -> Response:
         kind = request.path_params["kind"]
@@ -186,10 +197,31 @@ class Handlers:
         if owner is None:
             raise GatewayError(404, f"task {task_id} not found")
         body = orjson.dumps(data) if data is not None else None
-        response = await self._lookup(call(owner, info, request.method, request.url.path, body))
+        try:
+            response = await self._lookup(call(owner, info, request.method, request.url.path, body))
+        finally:
+            if action in CHANGES_TASK:
+                await self._invalidate(task_id)
         if is_not_found(response.status, response.content):
             raise GatewayError(404, f"task {task_id} not found")
         return forward(response)
+
+    async def _invalidate(self, task_id: str) -> None:
+        """Drop a task that an action changed from every tier, and once more a moment later:
+        a lookup already in flight during the action could otherwise write the old body
+        back (the "delayed double delete")."""
+        names = [u.name for u in self.pool.all]
+        await self.cache.invalidate([task_id], names)
+        self._background(self._invalidate_later(task_id, names))
+
+    async def _invalidate_later(self, task_id: str, names: list[str]) -> None:
+        await asyncio.sleep(INVALIDATE_AGAIN_S)
+        await self.cache.invalidate([task_id], names)
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def passthrough(self, request: Request) -> Response:
         """A path the config lists under ``passthrough``: forwarded as it is to one upstream."""

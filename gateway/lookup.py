@@ -1,4 +1,10 @@
-"""Finding tasks across upstreams: owner-aware fetch, fan-out to every upstream, list merge."""
+"""Finding tasks: cache tiers first, then the owner upstream, then every allowed upstream.
+
+A fetch is answered from L1 (no I/O), else from one store round trip, else from upstream
+through a per-process single flight, so a hundred pollers of one running task cost one
+upstream call. A list lookup serves cached ids first, then asks each upstream once for the
+rest (grouped by owner, chunked) under one deadline, and merges in the caller's order.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,14 @@ from typing import Any
 
 import orjson
 
+from gateway.cache import CachedTask, StoreView, TaskCache, encode_task
 from gateway.config import FanoutConfig
 from gateway.middleware import RequestInfo
 from gateway.owners import OwnerMap
-from gateway.tasks import in_request_order, is_not_found, parse_task_list
+from gateway.tasks import is_not_found, parse_task, parse_task_list
 from gateway.upstreams import Upstream, UpstreamError, UpstreamResponse
 
-__all__ = ["ListResult", "TaskLookup", "UpstreamFailures", "call"]
+__all__ = ["Answer", "ListResult", "TaskLookup", "UpstreamFailures", "call", "failed_answer"]
 
 
 class UpstreamFailures(Exception):
@@ -30,10 +37,31 @@ class UpstreamFailures(Exception):
         return all(e.kind == "timeout" for e in self.errors)
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A fetch's outcome: the task's bytes (``found``) or "no such task", and where from."""
+
+    found: bool
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "application/json"
+    cache: str = "MISS"  # HIT | MISS | COALESCED
+    tier: str = "upstream"  # l1 | store | upstream
+
+    @staticmethod
+    def cached(entry: CachedTask, tier: str) -> Answer:
+        return Answer(True, entry.body, cache="HIT" if entry.terminal else "COALESCED", tier=tier)
+
+
+_MISSING_FROM_CACHE = Answer(False, cache="HIT", tier="store")
+_MISSING = Answer(False)
+
+
 @dataclass(slots=True)
 class ListResult:
-    tasks: list[Any] = field(default_factory=list)
+    body: bytes = b"[]"
     failed: list[str] = field(default_factory=list)
+    cache: str = "HIT"
 
 
 async def call(
@@ -42,17 +70,14 @@ async def call(
     method: str,
     path: str,
     body: bytes | None = None,
-    caller_headers: Sequence[tuple[str, str]] = (),
 ) -> UpstreamResponse:
     """One upstream request, noted in the request's log facts.
 
-    An answer that is an upstream failure rather than an answer about the task (the gateway's
-    key refused, rate limited, 5xx) raises UpstreamError like a dropped connection does.
+    The gateway's own key being refused (401/403) is an upstream failure, not an answer
+    for the caller, who presented a valid key of their own.
     """
     info.upstreams.append(upstream.name)
-    response = await upstream.request(
-        method, path, request_id=info.request_id, body=body, caller_headers=caller_headers
-    )
+    response = await upstream.request(method, path, request_id=info.request_id, body=body)
     info.upstream_ms += response.elapsed_s * 1000
     if response.status in (401, 403):
         detail = f"rejected the gateway's key (HTTP {response.status}); check its key in config"
@@ -63,29 +88,77 @@ async def call(
 def failed_answer(response: UpstreamResponse) -> UpstreamError | None:
     """An HTTP answer that says the upstream could not serve, as opposed to an answer."""
     if response.status == 429 or response.status >= 500:
-        detail = f"answered HTTP {response.status}"
-        return UpstreamError(response.upstream, "broken", True, detail)
+        return UpstreamError(response.upstream, "broken", True, f"answered HTTP {response.status}")
     return None
 
 
 class TaskLookup:
-    """Asks the right upstreams about task ids and remembers who owns what."""
+    """Asks the cache and the right upstreams about task ids, and remembers who owns what."""
 
-    def __init__(self, owners: OwnerMap, fanout: FanoutConfig) -> None:
+    def __init__(self, owners: OwnerMap, cache: TaskCache, fanout: FanoutConfig) -> None:
         self.owners = owners
+        self.cache = cache
         self.fanout = fanout
+        self._flights: dict[tuple[str, frozenset[str]], asyncio.Task[Answer]] = {}
+
+    def fetch_cached(self, task_id: str, names: frozenset[str]) -> Answer | None:
+        """The L1 answer when this process holds one: no I/O, no await."""
+        owner = self.owners.local(task_id)
+        if owner is None:
+            return None
+        if owner not in names:
+            return _MISSING_FROM_CACHE
+        entry = self.cache.local(owner, task_id)
+        return Answer.cached(entry, "l1") if entry is not None else None
 
     async def fetch(
         self, mode: str, task_id: str, allowed: Sequence[Upstream], info: RequestInfo
-    ) -> UpstreamResponse | None:
-        """The task's answer from its owner, or from whichever upstream has it; None if none."""
+    ) -> Answer:
+        """The task from L1, the store or upstream; concurrent misses share one flight."""
+        names = frozenset(u.name for u in allowed)
+        answer = self.fetch_cached(task_id, names)
+        if answer is not None:
+            return answer
+        key = (task_id, names)
+        flight = self._flights.get(key)
+        if flight is not None:
+            answer = await asyncio.shield(flight)
+            return Answer(answer.found, answer.body, answer.status, cache="COALESCED")
+        flight = asyncio.create_task(self._fetch_uncached(mode, task_id, allowed, names, info))
+        self._flights[key] = flight
+        flight.add_done_callback(lambda _: self._flights.pop(key, None))
+        return await asyncio.shield(flight)
+
+    async def _fetch_uncached(
+        self,
+        mode: str,
+        task_id: str,
+        allowed: Sequence[Upstream],
+        names: frozenset[str],
+        info: RequestInfo,
+    ) -> Answer:
+        views = await self.cache.read([task_id], [u.name for u in allowed])
+        view = views.get(task_id) or StoreView(owner=self.owners.local(task_id))
+        if view.owner is not None and view.owner not in names:
+            return _MISSING_FROM_CACHE
+        if view.task is not None:
+            return Answer.cached(view.task, "store")
+        asked = {view.owner} if view.owner is not None else names
+        if asked <= view.not_found_on:
+            return _MISSING_FROM_CACHE
         path = f"{mode}/mj/task/{task_id}/fetch"
-        owner_name = await self.owners.get(task_id)
-        if owner_name is not None:
-            owner = next((u for u in allowed if u.name == owner_name), None)
-            # A task owned by an upstream this caller may not use does not exist for them.
-            return None if owner is None else await self._fetch_one(owner, path, info)
-        return await self._fetch_any(task_id, path, allowed, info)
+        if view.owner is None:
+            response = await self._fetch_any(task_id, path, allowed, info)
+        else:
+            owner = next(u for u in allowed if u.name == view.owner)
+            response = await self._fetch_one(owner, path, info)
+        if response is None:
+            await self.cache.put_not_found({task_id: asked})
+            return _MISSING
+        task = parse_task(response.content)
+        if task is not None and task["id"] == task_id and response.status == 200:
+            await self.cache.put_tasks([(response.upstream, task, response.content)])
+        return Answer(True, response.content, response.status, response.content_type)
 
     async def owner_of(
         self, mode: str, task_id: str, allowed: Sequence[Upstream], info: RequestInfo
@@ -93,7 +166,8 @@ class TaskLookup:
         """The upstream that owns a task, asking every allowed upstream when unknown."""
         owner_name = await self.owners.get(task_id)
         if owner_name is None:
-            found = await self._fetch_any(task_id, f"{mode}/mj/task/{task_id}/fetch", allowed, info)
+            path = f"{mode}/mj/task/{task_id}/fetch"
+            found = await self._fetch_any(task_id, path, allowed, info)
             owner_name = found.upstream if found else None
         return next((u for u in allowed if u.name == owner_name), None)
 
@@ -126,11 +200,7 @@ class TaskLookup:
                     return response
         except TimeoutError:
             answered = {e.upstream for e in errors}
-            errors += [
-                UpstreamError(u.name, "timeout", True, "missed the fan-out deadline")
-                for u in allowed
-                if u.name not in answered
-            ]
+            errors += [_missed_deadline(u) for u in allowed if u.name not in answered]
         finally:
             for task in pending:
                 task.cancel()
@@ -142,54 +212,102 @@ class TaskLookup:
     async def list_tasks(
         self, mode: str, ids: Sequence[str], allowed: Sequence[Upstream], info: RequestInfo
     ) -> ListResult:
-        """Tasks for these ids from every upstream that may hold them, in the caller's order.
-
-        Ids with a known owner go to that owner only; the rest go to every allowed upstream.
-        An upstream that fails is named in ``failed``; if all fail, UpstreamFailures.
-        """
+        """Tasks for these ids, cached ones first, the rest from upstream, in the caller's
+        order as one JSON array. An upstream that fails is named in ``failed``; if every
+        upstream asked fails, UpstreamFailures."""
         unique = list(dict.fromkeys(ids))
-        known = await self.owners.get_many(unique)
-        unknown = [t for t in unique if t not in known]
-        groups = {u.name: [t for t in unique if known.get(t) == u.name] + unknown for u in allowed}
-        calls = [(u, groups[u.name]) for u in allowed if groups[u.name]]
-        if not calls:
-            return ListResult()
-        outcomes = await self._gather_lists(mode, calls, info)
-        found: dict[str, Any] = {}
-        discovered: dict[str, str] = {}
+        names = frozenset(u.name for u in allowed)
+        bodies: dict[str, bytes] = {}
+        owners: dict[str, str] = {}
+        uncached: list[str] = []
+        for task_id in unique:
+            owner = self.owners.local(task_id)
+            if owner is not None and owner not in names:
+                continue
+            entry = self.cache.local(owner, task_id) if owner else None
+            if entry is not None:
+                bodies[task_id] = entry.body
+            else:
+                uncached.append(task_id)
+        views = await self.cache.read(uncached, [u.name for u in allowed])
+        wanted: list[str] = []
+        for task_id in uncached:
+            view = views.get(task_id) or StoreView(owner=self.owners.local(task_id))
+            if view.owner is not None:
+                if view.owner not in names:
+                    continue
+                owners[task_id] = view.owner
+            if view.task is not None:
+                bodies[task_id] = view.task.body
+            elif not ({view.owner} if view.owner else names) <= view.not_found_on:
+                wanted.append(task_id)
+        result = ListResult()
+        if wanted:
+            result = await self._list_from_upstreams(mode, wanted, owners, allowed, bodies, info)
+        result.body = b"[" + b",".join(bodies[t] for t in unique if t in bodies) + b"]"
+        return result
+
+    async def _list_from_upstreams(
+        self,
+        mode: str,
+        wanted: list[str],
+        owners: dict[str, str],
+        allowed: Sequence[Upstream],
+        bodies: dict[str, bytes],
+        info: RequestInfo,
+    ) -> ListResult:
+        """Ask each upstream once per chunk for the ids it may hold; fill ``bodies``."""
+        unknown = [t for t in wanted if t not in owners]
+        size = self.fanout.batch_size
+        calls: list[tuple[Upstream, list[str]]] = []
+        for upstream in allowed:
+            ids = [t for t in wanted if owners.get(t) == upstream.name] + unknown
+            calls += [(upstream, ids[i : i + size]) for i in range(0, len(ids), size)]
+        outcomes = await self._gather(mode, calls, info)
         errors: list[UpstreamError] = []
+        fresh: list[tuple[str, dict[str, Any], bytes]] = []
+        discovered: dict[str, str] = {}
+        failed_ids: set[str] = set()
         for (upstream, asked), outcome in zip(calls, outcomes, strict=True):
             if isinstance(outcome, UpstreamError):
                 errors.append(outcome)
+                failed_ids.update(asked)
                 continue
-            wanted = set(asked)
+            wanted_here = set(asked)
             for task in outcome:
                 task_id = task["id"]
-                if task_id in wanted and task_id not in found:
-                    found[task_id] = task
-                    if task_id not in known:
+                if task_id in wanted_here and task_id not in bodies:
+                    body = encode_task(task)
+                    bodies[task_id] = body
+                    fresh.append((upstream.name, task, body))
+                    if task_id not in owners:
                         discovered[task_id] = upstream.name
         if len(errors) == len(calls):
             raise UpstreamFailures(errors)
         await self.owners.record_many(discovered)
-        return ListResult(
-            tasks=in_request_order(unique, found), failed=[e.upstream for e in errors]
-        )
+        await self.cache.put_tasks(fresh)
+        names = frozenset(u.name for u in allowed)
+        missing = {
+            t: ({owners[t]} if t in owners else names)
+            for t in wanted
+            if t not in bodies and t not in failed_ids
+        }
+        await self.cache.put_not_found(missing)
+        failed = list(dict.fromkeys(e.upstream for e in errors))
+        return ListResult(failed=failed, cache="PARTIAL" if failed else "MISS")
 
-    async def _gather_lists(
+    async def _gather(
         self, mode: str, calls: list[tuple[Upstream, list[str]]], info: RequestInfo
     ) -> list[list[dict[str, Any]] | UpstreamError]:
-        """Every upstream's list answer, or its error, under one fan-out deadline."""
+        """Every list call's tasks, or its error, under one fan-out deadline."""
         jobs = [asyncio.create_task(self._list_one(mode, u, ids, info)) for u, ids in calls]
-        _, pending = await asyncio.wait(jobs, timeout=self.fanout.deadline_s)
-        for job in pending:
+        _, late = await asyncio.wait(jobs, timeout=self.fanout.deadline_s)
+        for job in late:
             job.cancel()
         outcomes: list[list[dict[str, Any]] | UpstreamError] = []
         for (upstream, _), job in zip(calls, jobs, strict=True):
-            if job in pending:
-                outcomes.append(
-                    UpstreamError(upstream.name, "timeout", True, "missed the fan-out deadline")
-                )
+            if job in late:
+                outcomes.append(_missed_deadline(upstream))
             elif isinstance(exc := job.exception(), UpstreamError):
                 outcomes.append(exc)
             elif exc is not None:
@@ -212,3 +330,7 @@ class TaskLookup:
             detail = f"answered HTTP {response.status} with something other than a task list"
             raise UpstreamError(upstream.name, "broken", True, detail)
         return tasks
+
+
+def _missed_deadline(upstream: Upstream) -> UpstreamError:
+    return UpstreamError(upstream.name, "timeout", True, "missed the fan-out deadline")

@@ -24,7 +24,8 @@ class RequestInfo:
 
     request_id: str
     client: str = "-"
-    cache: str = "-"
+    cache: str = "MISS"
+    tier: str = "-"
     upstreams: list[str] = field(default_factory=list)
     upstream_ms: float = 0.0
 
@@ -59,7 +60,11 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw_id)]
+                headers = [*message.get("headers", ()), (b"x-request-id", raw_id)]
+                headers.append((b"x-cache", info.cache.encode()))
+                if info.tier != "-":
+                    headers.append((b"x-cache-tier", info.tier.encode()))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -75,6 +80,7 @@ class RequestContextMiddleware:
                     status=status,
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
                     cache=info.cache,
+                    cache_tier=info.tier,
                     upstreams=info.upstreams,
                     upstream_ms=round(info.upstream_ms, 3),
                 )

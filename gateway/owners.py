@@ -27,6 +27,14 @@ class OwnerMap:
         self._ttl_ms = ttl_s * 1000
         self._local: LRU[str, str] = LRU(local_entries)
 
+    def local(self, task_id: str) -> str | None:
+        """The owner if this process already knows it: no I/O."""
+        return self._local.get(task_id)
+
+    def remember(self, task_id: str, upstream: str) -> None:
+        """Keep an owner read from the store by someone else locally."""
+        self._local.set(task_id, upstream)
+
     async def get(self, task_id: str) -> str | None:
         """The owner's name, or None when unknown (a store failure counts as unknown)."""
         return (await self.get_many([task_id])).get(task_id)

@@ -28,7 +28,17 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from .simtasks import Art, BadRequest, Call, Handler, Json, Reply, TaskRoutes, seeded_task
+from .simtasks import (
+    FAIL_REASONS,
+    Art,
+    BadRequest,
+    Call,
+    Handler,
+    Json,
+    Reply,
+    TaskRoutes,
+    seeded_task,
+)
 
 __all__ = ["SimSettings", "add_sim_arguments", "create_sim_app", "run_sim", "settings_from_args"]
 
@@ -100,15 +110,16 @@ class Stats:
     """What the sim saw on its ``/mj`` routes, for ``/_sim/stats``."""
 
     def __init__(self) -> None:
+        self.inflight = 0
         self.reset()
 
     def reset(self) -> None:
+        """Forget everything except the requests still in flight."""
         self.requests: dict[str, int] = {}
         self.prefixes: dict[str, int] = {}
         self.total = 0
         self.submits = 0
-        self.inflight = 0
-        self.max_inflight = 0
+        self.max_inflight = self.inflight
         self.per_second: dict[int, int] = {}
         self.headers: deque[dict[str, str]] = deque(maxlen=HISTORY)
         self.paths: deque[str] = deque(maxlen=HISTORY)
@@ -333,6 +344,7 @@ class Control:
         now = time.time()
         task_id = body.get("id")
         if body.pop("playing", False) is True:
+            outcome, seconds = body.pop("outcome", None), body.pop("task_seconds", None)
             extra = {k: v for k, v in body.items() if k not in ("action", "prompt")}
             task = sim.tasks.new_task(
                 str(body.get("action") or "IMAGINE"),
@@ -342,6 +354,10 @@ class Control:
                 task_id=str(task_id) if task_id else None,
                 extra=extra,
             )
+            if outcome in ("SUCCESS", "FAILURE"):
+                task.fail_reason = FAIL_REASONS[0] if outcome == "FAILURE" else None
+            if isinstance(seconds, int | float) and seconds >= 0:
+                task.duration = float(seconds)
         elif not isinstance(task_id, str) or not task_id:
             return self._json({"error": "a seeded task needs a string id"}, 400)
         else:

@@ -548,6 +548,10 @@ def _text(body: Mapping[str, Any], name: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def _present(value: Any) -> bool:
+    return bool(value.strip()) if isinstance(value, str) else value not in (None, [], {})
+
+
 def _int_or_zero(value: Any) -> int:
     return value if isinstance(value, int) else 0
 
@@ -682,7 +686,7 @@ class TaskRoutes:
 
         def handler(call: Call) -> Reply:
             body = call.json()
-            if not check(body.get(name) not in (None, "", []) for name in fields):
+            if not check(_present(body.get(name)) for name in fields):
                 return envelope(4, message)
             return self._submit(action, _text(body, "prompt"), body)
 

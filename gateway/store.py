@@ -56,6 +56,12 @@ class KeySpace:
     def owner(self, task_id: str) -> str:
         return f"{self._prefix}:{{{task_id}}}:owner"
 
+    def not_found(self, task_id: str) -> str:
+        return f"{self._prefix}:{{{task_id}}}:nf"
+
+    def task(self, upstream: str, task_id: str) -> str:
+        return f"{self._prefix}:{{{task_id}}}:task:{upstream}"
+
 
 class MemoryStore:
     """An in-process store bounded to ``max_keys`` entries, oldest write evicted first."""

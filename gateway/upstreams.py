@@ -169,6 +169,8 @@ class UpstreamPool:
         self._by_name = {u.name: u for u in upstreams}
         self.all: tuple[Upstream, ...] = tuple(upstreams)
         self._rng = rng or random.Random()
+        self._allowed: dict[tuple[str, ...], tuple[Upstream, ...]] = {}
+        self._names: dict[tuple[Upstream, ...], frozenset[str]] = {}
 
     def get(self, name: str) -> Upstream | None:
         return self._by_name.get(name)
@@ -177,7 +179,17 @@ class UpstreamPool:
         """The upstreams a caller with this allow-list may reach (None: all of them)."""
         if names is None:
             return self.all
-        return tuple(u for u in self.all if u.name in names)
+        allowed = self._allowed.get(names)
+        if allowed is None:
+            allowed = self._allowed[names] = tuple(u for u in self.all if u.name in names)
+        return allowed
+
+    def names(self, upstreams: tuple[Upstream, ...]) -> frozenset[str]:
+        """The names of a set of upstreams (memoized: callers ask on every request)."""
+        names = self._names.get(upstreams)
+        if names is None:
+            names = self._names[upstreams] = frozenset(u.name for u in upstreams)
+        return names
 
     def submit_order(self, candidates: Sequence[Upstream]) -> list[Upstream]:
         """Candidates in the order to try a submit: by weight, those cooling down last.

@@ -1,0 +1,235 @@
+"""The task cache: finished tasks as exact bytes in two tiers, running tasks for a moment.
+
+Tiers: an in-process LRU (``L1``, no network hop) and the shared store. A finished task
+(SUCCESS, FAILURE, CANCEL) never changes upstream, so it is kept until
+``min(terminal_ttl_s, image expiry - margin)``. A running task's answer is kept
+``inflight_ttl_ms`` so repeated polls from every worker share one upstream call. "Not found"
+is kept ``not_found_ttl_ms``, because a task just submitted can be briefly invisible.
+
+Store keys are hash-tagged by task id, so every key of one task shares a Redis Cluster slot
+and one MGET reads a task's owner, not-found mark and bodies in a single round trip.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+
+from gateway.config import CacheConfig
+from gateway.owners import OwnerMap
+from gateway.store import KeySpace, Store, StoreError
+from gateway.tasks import TERMINAL
+
+__all__ = [
+    "CachedTask",
+    "StoreView",
+    "TaskCache",
+    "encode_task",
+    "image_expiry",
+    "terminal_ttl_s",
+]
+
+log = structlog.get_logger("mjgate.cache")
+
+_TERMINAL_MARK = b"T"
+_RUNNING_MARK = b"R"
+_EXPIRY = re.compile(r"[?&]ex=([0-9a-fA-F]{1,16})(?:&|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class CachedTask:
+    """A task answer held by the cache: the upstream's bytes and whether it is final."""
+
+    upstream: str
+    body: bytes
+    terminal: bool
+    expires_at: float  # time.monotonic() deadline in this process
+
+
+@dataclass(slots=True)
+class StoreView:
+    """What one store round trip knew about a task id."""
+
+    owner: str | None = None
+    not_found_on: frozenset[str] = frozenset()
+    task: CachedTask | None = None
+
+
+def image_expiry(task: dict[str, Any]) -> int | None:
+    """Unix time at which the task's signed image URL (Discord's hex ``ex=``) stops working."""
+    url = task.get("imageUrl")
+    if not isinstance(url, str) or "ex=" not in url:
+        return None
+    match = _EXPIRY.search(url)
+    return int(match.group(1), 16) if match else None
+
+
+def terminal_ttl_s(task: dict[str, Any], config: CacheConfig, now: float) -> float:
+    """How long a finished task may be served from cache; <= 0 means not at all."""
+    ttl = float(config.terminal_ttl_s)
+    expiry = image_expiry(task)
+    if expiry is not None:
+        ttl = min(ttl, expiry - now - config.image_expiry_margin_s)
+    return ttl
+
+
+class _L1:
+    """The in-process tier: an LRU bounded both by entry count and by body bytes."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self._data: OrderedDict[tuple[str, str], CachedTask] = OrderedDict()
+        self._bytes = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, upstream: str, task_id: str, now: float) -> CachedTask | None:
+        key = (upstream, task_id)
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry.expires_at <= now:
+            self.pop(upstream, task_id)
+            return None
+        self._data.move_to_end(key)
+        return entry
+
+    def put(self, task_id: str, entry: CachedTask) -> None:
+        size = len(entry.body)
+        if self.max_entries <= 0 or size > self.max_bytes:
+            return
+        self.pop(entry.upstream, task_id)
+        self._data[(entry.upstream, task_id)] = entry
+        self._bytes += size
+        while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
+            _, evicted = self._data.popitem(last=False)
+            self._bytes -= len(evicted.body)
+
+    def pop(self, upstream: str, task_id: str) -> None:
+        entry = self._data.pop((upstream, task_id), None)
+        if entry is not None:
+            self._bytes -= len(entry.body)
+
+
+class TaskCache:
+    """Reads and writes both tiers. Store failures are logged and count as misses."""
+
+    def __init__(self, store: Store, keys: KeySpace, config: CacheConfig, owners: OwnerMap) -> None:
+        self.store = store
+        self.keys = keys
+        self.config = config
+        self.owners = owners
+        self.l1 = _L1(config.l1_max_entries, config.l1_max_bytes)
+
+    def local(self, upstream: str, task_id: str) -> CachedTask | None:
+        """The L1 entry, if fresh. No I/O: this is the hot path of a cached fetch."""
+        return self.l1.get(upstream, task_id, time.monotonic())
+
+    async def read(self, task_ids: Sequence[str], upstreams: Sequence[str]) -> dict[str, StoreView]:
+        """One store round trip for many ids: owner, not-found mark and cached body of each.
+
+        Found bodies are copied into L1, bounded by ``l1_ttl_s`` so that an entry dropped
+        from the store (``image-seed``, ``cancel``, purge) stops being served by every worker
+        within that time.
+        """
+        if not task_ids:
+            return {}
+        width = 2 + len(upstreams)
+        keys: list[str] = []
+        for task_id in task_ids:
+            keys += [self.keys.owner(task_id), self.keys.not_found(task_id)]
+            keys += [self.keys.task(u, task_id) for u in upstreams]
+        try:
+            values = await self.store.mget(keys)
+        except StoreError as exc:
+            log.warning("store_error", operation="cache_read", error=str(exc))
+            return {}
+        now = time.monotonic()
+        views: dict[str, StoreView] = {}
+        for index, task_id in enumerate(task_ids):
+            row = values[index * width : (index + 1) * width]
+            view = StoreView()
+            if row[0] is not None:
+                view.owner = row[0].decode()
+                self.owners.remember(task_id, view.owner)
+            if row[1] is not None:
+                view.not_found_on = frozenset(row[1].decode().split(","))
+            for upstream, value in zip(upstreams, row[2:], strict=True):
+                if value is not None and (view.owner is None or view.owner == upstream):
+                    view.task = self._from_store(upstream, task_id, value, now)
+                    break
+            views[task_id] = view
+        return views
+
+    def _from_store(self, upstream: str, task_id: str, value: bytes, now: float) -> CachedTask:
+        terminal = value[:1] == _TERMINAL_MARK
+        ttl_s = self.config.l1_ttl_s if terminal else self.config.inflight_ttl_ms / 1000
+        entry = CachedTask(upstream, value[1:], terminal, now + ttl_s)
+        self.l1.put(task_id, entry)
+        return entry
+
+    async def put_tasks(self, answers: Iterable[tuple[str, dict[str, Any], bytes]]) -> None:
+        """Cache fresh upstream answers ``(upstream, task, exact body)`` in both tiers."""
+        now_wall, now = time.time(), time.monotonic()
+        by_ttl: dict[int, dict[str, bytes]] = {}
+        for upstream, task, body in answers:
+            task_id = task["id"]
+            if task.get("status") in TERMINAL:
+                ttl_s = terminal_ttl_s(task, self.config, now_wall)
+                if ttl_s <= 0:
+                    continue
+                mark, l1_ttl = _TERMINAL_MARK, min(ttl_s, self.config.l1_ttl_s)
+            else:
+                ttl_s = self.config.inflight_ttl_ms / 1000
+                mark, l1_ttl = _RUNNING_MARK, ttl_s
+            if ttl_s <= 0:
+                continue
+            self.l1.put(task_id, CachedTask(upstream, body, mark == _TERMINAL_MARK, now + l1_ttl))
+            by_ttl.setdefault(int(ttl_s * 1000), {})[self.keys.task(upstream, task_id)] = (
+                mark + body
+            )
+        await self._write(by_ttl)
+
+    async def put_not_found(self, missing: Mapping[str, Iterable[str]]) -> None:
+        """Remember for ``not_found_ttl_ms`` which upstreams said they have no such task."""
+        items = {
+            self.keys.not_found(task_id): ",".join(sorted(upstreams)).encode()
+            for task_id, upstreams in missing.items()
+        }
+        await self._write({self.config.not_found_ttl_ms: items})
+
+    async def _write(self, by_ttl: dict[int, dict[str, bytes]]) -> None:
+        try:
+            for ttl_ms, items in by_ttl.items():
+                if ttl_ms > 0 and items:
+                    await self.store.set_many(items, ttl_ms)
+        except StoreError as exc:
+            log.warning("store_error", operation="cache_write", error=str(exc))
+
+    async def invalidate(self, task_ids: Iterable[str], upstreams: Sequence[str]) -> None:
+        """Drop ids from this process's L1 and from the store (hence from every worker's L1
+        within ``l1_ttl_s``)."""
+        keys: list[str] = []
+        for task_id in task_ids:
+            for upstream in upstreams:
+                self.l1.pop(upstream, task_id)
+                keys.append(self.keys.task(upstream, task_id))
+            keys.append(self.keys.not_found(task_id))
+        try:
+            await self.store.delete(keys)
+        except StoreError as exc:
+            log.warning("store_error", operation="cache_invalidate", error=str(exc))
+
+
+def encode_task(task: dict[str, Any]) -> bytes:
+    """A task from a list answer, as bytes to cache (list answers carry no per-task bytes)."""
+    return orjson.dumps(task)
