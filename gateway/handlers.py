@@ -20,6 +20,7 @@ from gateway.errors import GatewayError
 from gateway.lookup import TaskLookup, UpstreamFailures, call
 from gateway.middleware import RequestInfo, request_info
 from gateway.owners import OwnerMap
+from gateway.query import TaskSearch, page_object, parse_query
 from gateway.store import KeySpace, Store, open_store
 from gateway.tasks import is_not_found, valid_task_id
 from gateway.upstreams import Upstream, UpstreamError, UpstreamPool, UpstreamResponse
@@ -61,6 +62,7 @@ class Handlers:
     owners: OwnerMap
     cache: TaskCache
     lookup: TaskLookup
+    search: TaskSearch
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -77,6 +79,7 @@ class Handlers:
         )
         self.cache = TaskCache(self.store, keys, config.cache, self.owners)
         self.lookup = TaskLookup(self.owners, self.cache, config.fanout)
+        self.search = TaskSearch(self.lookup, config.fanout.deadline_s)
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -96,6 +99,9 @@ class Handlers:
                 Route(f"{base}/task/{{task_id}}/fetch", bound(self.fetch), methods=["GET"]),
                 Route(f"{base}/task/list-by-condition", bound(self.list_by_ids), methods=["POST"]),
                 Route(f"{base}/task/list-by-ids", bound(self.list_by_ids), methods=["POST"]),
+                Route(f"{base}/task/query", bound(self.query), methods=["POST"]),
+                Route(f"{base}/task/list", bound(self.recent), methods=["GET"]),
+                Route(f"{base}/task/queue", bound(self.recent), methods=["GET"]),
                 Route(f"{base}/submit/{{kind}}", bound(self.submit), methods=["POST"]),
                 Route(f"{base}/insight-face/{{kind}}", bound(self.submit), methods=["POST"]),
                 Route(
@@ -132,6 +138,25 @@ class Handlers:
         headers = {"x-gateway-partial": ",".join(result.failed)} if result.failed else None
         info.cache = result.cache
         return Response(result.body, headers=headers, media_type="application/json")
+
+    async def query(self, mode: str, request: Request) -> Response:
+        spec = parse_query(await read_json_object(request, self.max_body))
+        info = request_info(request.scope)
+        merged = await self.search.query(mode, spec, self._allowed(request), info)
+        page = page_object(merged.rows, merged.total, spec)
+        return self._merged(orjson.dumps(page), merged.failed, info)
+
+    async def recent(self, mode: str, request: Request) -> Response:
+        kind = request.url.path.rsplit("/", 1)[1]
+        info = request_info(request.scope)
+        merged = await self.search.recent(mode, kind, self._allowed(request), info)
+        return self._merged(orjson.dumps(merged.rows), merged.failed, info)
+
+    @staticmethod
+    def _merged(body: bytes, failed: list[str], info: RequestInfo) -> Response:
+        headers = {"x-gateway-partial": ",".join(failed)} if failed else None
+        info.cache = "PARTIAL" if failed else "MISS"
+        return Response(body, headers=headers, media_type="application/json")
 
     async def submit(self, mode: str, request: Request) -> Response:
         kind = request.path_params["kind"]

@@ -9,9 +9,9 @@ rest (grouped by owner, chunked) under one deadline, and merges in the caller's 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -22,7 +22,17 @@ from gateway.owners import OwnerMap
 from gateway.tasks import is_not_found, parse_task, parse_task_list
 from gateway.upstreams import Upstream, UpstreamError, UpstreamResponse
 
-__all__ = ["Answer", "ListResult", "TaskLookup", "UpstreamFailures", "call", "failed_answer"]
+__all__ = [
+    "Answer",
+    "ListResult",
+    "TaskLookup",
+    "UpstreamFailures",
+    "call",
+    "failed_answer",
+    "gather_within",
+]
+
+T = TypeVar("T")
 
 
 class UpstreamFailures(Exception):
@@ -263,7 +273,9 @@ class TaskLookup:
         for upstream in allowed:
             ids = [t for t in wanted if owners.get(t) == upstream.name] + unknown
             calls += [(upstream, ids[i : i + size]) for i in range(0, len(ids), size)]
-        outcomes = await self._gather(mode, calls, info)
+        outcomes = await gather_within(
+            self.fanout.deadline_s, [(u, self._list_one(mode, u, ids, info)) for u, ids in calls]
+        )
         errors: list[UpstreamError] = []
         fresh: list[tuple[str, dict[str, Any], bytes]] = []
         discovered: dict[str, str] = {}
@@ -296,26 +308,6 @@ class TaskLookup:
         failed = list(dict.fromkeys(e.upstream for e in errors))
         return ListResult(failed=failed, cache="PARTIAL" if failed else "MISS")
 
-    async def _gather(
-        self, mode: str, calls: list[tuple[Upstream, list[str]]], info: RequestInfo
-    ) -> list[list[dict[str, Any]] | UpstreamError]:
-        """Every list call's tasks, or its error, under one fan-out deadline."""
-        jobs = [asyncio.create_task(self._list_one(mode, u, ids, info)) for u, ids in calls]
-        _, late = await asyncio.wait(jobs, timeout=self.fanout.deadline_s)
-        for job in late:
-            job.cancel()
-        outcomes: list[list[dict[str, Any]] | UpstreamError] = []
-        for (upstream, _), job in zip(calls, jobs, strict=True):
-            if job in late:
-                outcomes.append(_missed_deadline(upstream))
-            elif isinstance(exc := job.exception(), UpstreamError):
-                outcomes.append(exc)
-            elif exc is not None:
-                raise exc
-            else:
-                outcomes.append(job.result())
-        return outcomes
-
     async def _list_one(
         self, mode: str, upstream: Upstream, ids: list[str], info: RequestInfo
     ) -> list[dict[str, Any]]:
@@ -330,6 +322,32 @@ class TaskLookup:
             detail = f"answered HTTP {response.status} with something other than a task list"
             raise UpstreamError(upstream.name, "broken", True, detail)
         return tasks
+
+
+async def gather_within(
+    deadline_s: float, calls: Sequence[tuple[Upstream, Coroutine[Any, Any, T]]]
+) -> list[T | UpstreamError]:
+    """Run one call per upstream concurrently; a call that fails or misses the deadline
+    becomes its UpstreamError."""
+    jobs = [asyncio.create_task(coroutine) for _, coroutine in calls]
+    if not jobs:
+        return []
+    _, late = await asyncio.wait(jobs, timeout=deadline_s)
+    for job in late:
+        job.cancel()
+    outcomes: list[T | UpstreamError] = []
+    for (upstream, _), job in zip(calls, jobs, strict=True):
+        if job in late:
+            outcomes.append(_missed_deadline(upstream))
+        elif isinstance(exc := job.exception(), UpstreamError):
+            outcomes.append(exc)
+        elif isinstance(exc, UpstreamFailures):
+            outcomes.append(exc.errors[0])
+        elif exc is not None:
+            raise exc
+        else:
+            outcomes.append(job.result())
+    return outcomes
 
 
 def _missed_deadline(upstream: Upstream) -> UpstreamError:

@@ -89,6 +89,7 @@ class SimProcess:
     gateway_auth: str
     list_path: str
     extra_args: tuple[str, ...] = ()
+    supports_query: bool = False
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -142,6 +143,7 @@ class SimProcess:
             "auth": self.gateway_auth,
             "key": self.key,
             "list_by_ids_path": self.list_path,
+            "supports_query": self.supports_query,
             "timeout_s": 5,
             **overrides,
         }
