@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(run=_check_config)
 
+    cache = commands.add_parser("cache", help="act on the shared cache")
+    cache_commands = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    purge = cache_commands.add_parser("purge", help="drop task ids from the shared store")
+    purge.add_argument("--config", default=os.environ.get("MJGATE_CONFIG"), help="YAML file")
+    purge.add_argument("ids", nargs="+", metavar="ID")
+    purge.set_defaults(run=_cache_purge)
+
     hash_cmd = commands.add_parser("hash-key", help="read a key on stdin, print its key_sha256")
     hash_cmd.set_defaults(run=_hash_key)
     return parser
@@ -102,6 +109,31 @@ def _check_config(args: argparse.Namespace) -> int:
     assert isinstance(config, Config)
     print(f"# {args.file}: valid")
     print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
+    return 0
+
+
+def _cache_purge(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.config import Config
+    from gateway.purge import purge
+
+    config = _load(args.config)
+    if not isinstance(config, Config):
+        return 2
+    if not config.redis.url.reveal():
+        print(
+            "mjgate: the embedded store lives inside the gateway process; purge through its "
+            'route instead: POST /admin/cache/purge {"ids": [...]} as an admin client',
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        asyncio.run(purge(config, args.ids))
+    except ValueError as exc:
+        print(f"mjgate: {exc}", file=sys.stderr)
+        return 2
+    print(f"purged {len(args.ids)} task id(s) from the shared store")
     return 0
 
 

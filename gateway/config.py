@@ -126,6 +126,7 @@ class ClientConfig:
     key_sha256: str
     rate_limit: RateLimit | None = None
     upstreams: tuple[str, ...] | None = None
+    admin: bool = False  # may use the /admin/... routes (cache purge)
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +394,8 @@ class _Reader:
         return tuple(result)
 
     def client(self, node: Any, path: str, upstream_names: set[str]) -> ClientConfig:
-        m = self.mapping(node, path, ("name", "key", "key_sha256", "rate_limit", "upstreams"))
+        keys = ("name", "key", "key_sha256", "rate_limit", "upstreams", "admin")
+        m = self.mapping(node, path, keys)
         name = self.required(m, path, "name")
         if name and not CLIENT_NAME.match(name):
             self.fail(f"{path}.name", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
@@ -410,7 +412,8 @@ class _Reader:
         limit = None
         if m.get("rate_limit") is not None:
             limit = self.limit(m["rate_limit"], f"{path}.rate_limit")
-        return ClientConfig(name=name, key_sha256=digest, rate_limit=limit, upstreams=allowed)
+        admin = self.value(m, path, "admin", _to_bool, False)
+        return ClientConfig(name, digest, rate_limit=limit, upstreams=allowed, admin=admin)
 
     def client_digest(self, m: dict[str, Any], path: str) -> str:
         key, digest = m.get("key"), m.get("key_sha256")

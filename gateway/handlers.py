@@ -110,6 +110,7 @@ class Handlers:
                     methods=["GET", "POST"],
                 ),
             ]
+        routes.append(Route("/admin/cache/purge", self.purge, methods=["POST"]))
         routes += [
             Route(path, self.passthrough, methods=["GET", "POST"])
             for path in self.config.passthrough
@@ -247,6 +248,14 @@ class Handlers:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def purge(self, request: Request) -> Response:
+        """Drop task ids from every cache tier (admin callers only)."""
+        if not caller(request.scope).admin:
+            raise GatewayError(403, "this route needs a client with admin: true")
+        ids = await read_ids(request, self.max_body, self.config.fanout.max_ids)
+        await self.cache.invalidate(ids, [u.name for u in self.pool.all])
+        return Response(orjson.dumps({"purged": ids}), media_type="application/json")
 
     async def passthrough(self, request: Request) -> Response:
         """A path the config lists under ``passthrough``: forwarded as it is to one upstream."""
