@@ -9,6 +9,7 @@ rest (grouped by owner, chunked) under one deadline, and merges in the caller's 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -132,8 +133,7 @@ class TaskLookup:
         key = (task_id, names)
         flight = self._flights.get(key)
         if flight is not None:
-            answer = await asyncio.shield(flight)
-            return Answer(answer.found, answer.body, answer.status, cache="COALESCED")
+            return dataclasses.replace(await asyncio.shield(flight), cache="COALESCED")
         flight = asyncio.create_task(self._fetch_uncached(mode, task_id, allowed, names, info))
         self._flights[key] = flight
         flight.add_done_callback(lambda _: self._flights.pop(key, None))
@@ -148,7 +148,8 @@ class TaskLookup:
         info: RequestInfo,
     ) -> Answer:
         views = await self.cache.read([task_id], [u.name for u in allowed])
-        view = views.get(task_id) or StoreView(owner=self.owners.local(task_id))
+        view = views.get(task_id) or StoreView()
+        view.owner = view.owner or self.owners.local(task_id)
         if view.owner is not None and view.owner not in names:
             return _MISSING_FROM_CACHE
         if view.task is not None:
@@ -242,7 +243,8 @@ class TaskLookup:
         views = await self.cache.read(uncached, [u.name for u in allowed])
         wanted: list[str] = []
         for task_id in uncached:
-            view = views.get(task_id) or StoreView(owner=self.owners.local(task_id))
+            view = views.get(task_id) or StoreView()
+            view.owner = view.owner or self.owners.local(task_id)
             if view.owner is not None:
                 if view.owner not in names:
                     continue
