@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
     hash_cmd = commands.add_parser("hash-key", help="read a key on stdin, print its key_sha256")
     hash_cmd.set_defaults(run=_hash_key)
+
+    gen = commands.add_parser("gen-key", help="make a new caller key and its config snippet")
+    gen.add_argument("name", help="the client's name in the config")
+    gen.set_defaults(run=_gen_key)
     return parser
 
 
@@ -143,6 +147,23 @@ def _hash_key(args: argparse.Namespace) -> int:
         print("mjgate: no key on standard input", file=sys.stderr)
         return 2
     print(hash_key(key))
+    return 0
+
+
+def _gen_key(args: argparse.Namespace) -> int:
+    import secrets
+
+    from gateway.config import CLIENT_NAME
+
+    if not CLIENT_NAME.match(args.name):
+        print("mjgate: a client name is 1-64 characters of A-Z a-z 0-9 _ . -", file=sys.stderr)
+        return 2
+    key = "mjg-" + secrets.token_urlsafe(32)
+    print(f"# Give this key to {args.name}; it is not stored anywhere else:")
+    print(f"#   {key}")
+    print("# and add this to clients: in the config (only the digest is kept):")
+    print(f"  - name: {args.name}")
+    print(f"    key_sha256: {hash_key(key)}")
     return 0
 
 

@@ -23,6 +23,7 @@ from gateway.handlers import Handlers
 from gateway.logs import configure_logging
 from gateway.lookup import UpstreamFailures
 from gateway.middleware import RequestContextMiddleware, request_info
+from gateway.ratelimit import RateLimitMiddleware
 from gateway.store import StoreError
 
 __all__ = ["create_app", "factory", "secrets_of"]
@@ -64,6 +65,7 @@ def create_app(config: Config) -> Starlette:
         middleware=[
             Middleware(RequestContextMiddleware, quiet_paths=HEALTH_PATHS),
             Middleware(AuthMiddleware, registry=ClientRegistry(config), public_paths=HEALTH_PATHS),
+            Middleware(RateLimitMiddleware, limiter=lambda: handlers.limiter),
         ],
         exception_handlers={
             GatewayError: _gateway_error,
@@ -87,7 +89,7 @@ async def _upstream_failures(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, UpstreamFailures)
     for error in exc.errors:
         log.warning("upstream_error", upstream=error.upstream, kind=error.kind, error=str(error))
-    status = 504 if exc.timed_out else 502
+    status = 504 if exc.timed_out else 503 if exc.held_back else 502
     return error_response(status, str(exc), request_info(request.scope).request_id)
 
 

@@ -18,7 +18,14 @@ from gateway.config import ClientConfig, Config
 from gateway.errors import error_response
 from gateway.middleware import request_info
 
-__all__ = ["ANONYMOUS", "AuthMiddleware", "ClientRegistry", "caller", "extract_key"]
+__all__ = [
+    "ANONYMOUS",
+    "AuthMiddleware",
+    "ClientRegistry",
+    "caller",
+    "caller_or_none",
+    "extract_key",
+]
 
 ANONYMOUS = ClientConfig(name="anonymous", key_sha256="")
 _PLACEHOLDER = "midjourney-proxy"
@@ -59,6 +66,12 @@ class ClientRegistry:
 
 def caller(scope: Scope) -> ClientConfig:
     client: ClientConfig = scope[_SCOPE_KEY]
+    return client
+
+
+def caller_or_none(scope: Scope) -> ClientConfig | None:
+    """The authenticated caller, or None on a public path."""
+    client: ClientConfig | None = scope.get(_SCOPE_KEY)
     return client
 
 

@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 import yaml
 
 __all__ = [
+    "Bucket",
     "CacheConfig",
+    "CircuitConfig",
     "ClientConfig",
     "Config",
     "ConfigError",
@@ -112,10 +114,31 @@ class UpstreamConfig:
     timeout_s: float = 15.0
     max_rps: float = 20.0
     max_concurrency: int = 32
+    # How long a request may wait for the outbound caps before it fails as saturated.
+    queue_timeout_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
+    """A token bucket: ``rps`` tokens a second, up to ``burst`` at once.
+
+    ``submit`` and ``query`` optionally give those route classes buckets of their own, so
+    that polling cannot use up the budget for submits.
+    """
+
+    rps: float
+    burst: int
+    submit: Bucket | None = None
+    query: Bucket | None = None
+
+    def for_class(self, route_class: str) -> tuple[str, Bucket]:
+        """The bucket name and size that a request of this class spends from."""
+        own = self.submit if route_class == "submit" else self.query
+        return (route_class, own) if own is not None else ("all", Bucket(self.rps, self.burst))
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
     rps: float
     burst: int
 
@@ -157,6 +180,15 @@ class FanoutConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CircuitConfig:
+    """Per upstream and per worker: this many consecutive failures open the circuit for
+    ``cooldown_s``; then one probe request decides whether it closes again."""
+
+    failure_threshold: int = 5
+    cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     enabled: bool = True
     path: str = "/metrics"
@@ -179,6 +211,7 @@ class Config:
     cache: CacheConfig = CacheConfig()
     fanout: FanoutConfig = FanoutConfig()
     passthrough: tuple[str, ...] = ()
+    circuit: CircuitConfig = CircuitConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -314,6 +347,7 @@ class _Reader:
             cache=self.cache(root.get("cache")),
             fanout=self.fanout(root.get("fanout")),
             passthrough=self.passthrough(root.get("passthrough")),
+            circuit=self.circuit(root.get("circuit")),
             metrics=self.metrics(root.get("metrics")),
             logging=self.logging(root.get("logging")),
         )
@@ -374,6 +408,7 @@ class _Reader:
             timeout_s=self.value(m, path, "timeout_s", _to_float, 15.0, _positive),
             max_rps=self.value(m, path, "max_rps", _to_float, 20.0, _positive),
             max_concurrency=self.value(m, path, "max_concurrency", _to_int, 32, _at_least(1)),
+            queue_timeout_s=self.value(m, path, "queue_timeout_s", _to_float, 2.0, _at_least(0)),
         )
 
     def clients(self, node: Any, upstream_names: set[str]) -> tuple[ClientConfig, ...]:
@@ -431,8 +466,18 @@ class _Reader:
         return ""
 
     def limit(self, node: Any, path: str) -> RateLimit:
+        m = self.mapping(node, path, ("rps", "burst", "submit", "query"))
+        classes = {
+            name: self.bucket(m[name], f"{path}.{name}")
+            for name in ("submit", "query")
+            if m.get(name) is not None
+        }
+        main = self.bucket({k: v for k, v in m.items() if k in ("rps", "burst")}, path)
+        return RateLimit(main.rps, main.burst, **classes)
+
+    def bucket(self, node: Any, path: str) -> Bucket:
         m = self.mapping(node, path, ("rps", "burst"))
-        return RateLimit(
+        return Bucket(
             rps=self.value(m, path, "rps", _to_float, 10.0, _positive),
             burst=self.value(m, path, "burst", _to_int, 20, _at_least(1)),
         )
@@ -479,6 +524,15 @@ class _Reader:
                 )
         return tuple(p for p in node if isinstance(p, str))
 
+    def circuit(self, node: Any) -> CircuitConfig:
+        m = self.mapping(node, "circuit", ("failure_threshold", "cooldown_s"))
+        return CircuitConfig(
+            failure_threshold=self.value(
+                m, "circuit", "failure_threshold", _to_int, 5, _at_least(1)
+            ),
+            cooldown_s=self.value(m, "circuit", "cooldown_s", _to_float, 30.0, _positive),
+        )
+
     def metrics(self, node: Any) -> MetricsConfig:
         m = self.mapping(node, "metrics", ("enabled", "path"))
         return MetricsConfig(
@@ -504,6 +558,7 @@ _ROOT_KEYS = (
     "cache",
     "fanout",
     "passthrough",
+    "circuit",
     "metrics",
     "logging",
 )

@@ -9,18 +9,22 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import orjson
+import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.auth import caller
 from gateway.cache import TaskCache
-from gateway.config import Config
+from gateway.circuit import CircuitBreaker
+from gateway.config import Config, UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.lookup import TaskLookup, UpstreamFailures, call
 from gateway.middleware import RequestInfo, request_info
+from gateway.outbound import OutboundCaps
 from gateway.owners import OwnerMap
 from gateway.query import TaskSearch, page_object, parse_query
+from gateway.ratelimit import CallerLimiter
 from gateway.store import KeySpace, Store, open_store
 from gateway.tasks import is_not_found, valid_task_id
 from gateway.upstreams import Upstream, UpstreamError, UpstreamPool, UpstreamResponse
@@ -32,6 +36,8 @@ from gateway.validation import (
     read_json_object,
     require_task_id,
 )
+
+log = structlog.get_logger("mjgate.handlers")
 
 __all__ = [
     "MODES",
@@ -63,6 +69,7 @@ class Handlers:
     cache: TaskCache
     lookup: TaskLookup
     search: TaskSearch
+    limiter: CallerLimiter
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -72,14 +79,23 @@ class Handlers:
     async def start(self) -> None:
         config = self.config
         self.store = open_store(config.redis)
-        self.pool = UpstreamPool([Upstream(u) for u in config.upstreams])
         keys = KeySpace(config.redis.key_prefix)
+        self.pool = UpstreamPool([self._upstream(u, keys) for u in config.upstreams])
+        self.limiter = CallerLimiter(self.store, keys, config.rate_limit)
         self.owners = OwnerMap(
             self.store, keys, config.cache.owner_ttl_s, config.cache.l1_max_entries
         )
         self.cache = TaskCache(self.store, keys, config.cache, self.owners)
         self.lookup = TaskLookup(self.owners, self.cache, config.fanout)
         self.search = TaskSearch(self.lookup, config.fanout.deadline_s)
+
+    def _upstream(self, config: UpstreamConfig, keys: KeySpace) -> Upstream:
+        def changed(old: str, new: str) -> None:
+            log.warning("circuit_change", upstream=config.name, old=old, new=new)
+
+        circuit = self.config.circuit
+        breaker = CircuitBreaker(circuit.failure_threshold, circuit.cooldown_s, changed)
+        return Upstream(config, OutboundCaps(self.store, keys, config), breaker)
 
     async def aclose(self) -> None:
         for task in self._tasks:

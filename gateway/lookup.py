@@ -47,6 +47,11 @@ class UpstreamFailures(Exception):
     def timed_out(self) -> bool:
         return all(e.kind == "timeout" for e in self.errors)
 
+    @property
+    def held_back(self) -> bool:
+        """The gateway itself held every request back: circuit open or caps full."""
+        return all(e.kind in ("open", "saturated") for e in self.errors)
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:

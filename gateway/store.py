@@ -18,6 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.buckets import OUTBOUND_LUA, TAKE_LUA, Grant, MemoryBucket, MemoryOutbound
 from gateway.config import RedisConfig
 
 __all__ = ["KeySpace", "MemoryStore", "RedisStore", "Store", "StoreError", "open_store"]
@@ -39,6 +40,18 @@ class Store(Protocol):
     async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None: ...
 
     async def delete(self, keys: Sequence[str]) -> None: ...
+
+    async def take_tokens(
+        self, key: str, rate: float, burst: int, want: int, refund: int
+    ) -> Grant: ...
+
+    async def acquire_outbound(
+        self, bucket_key: str, slots_key: str, rate: float, holder: str, limit: int, ttl_ms: int
+    ) -> int:
+        """Take a rate token and an in-flight slot; 0 when taken, else ms to wait."""
+        ...
+
+    async def release_slot(self, key: str, holder: str) -> None: ...
 
     async def ping(self) -> None: ...
 
@@ -62,6 +75,15 @@ class KeySpace:
     def task(self, upstream: str, task_id: str) -> str:
         return f"{self._prefix}:{{{task_id}}}:task:{upstream}"
 
+    def caller_bucket(self, client: str, route_class: str) -> str:
+        return f"{self._prefix}:{{rl:{client}:{route_class}}}"
+
+    def upstream_bucket(self, upstream: str) -> str:
+        return f"{self._prefix}:{{out:{upstream}}}:rps"
+
+    def upstream_slots(self, upstream: str) -> str:
+        return f"{self._prefix}:{{out:{upstream}}}:slots"
+
 
 class MemoryStore:
     """An in-process store bounded to ``max_keys`` entries, oldest write evicted first."""
@@ -69,6 +91,8 @@ class MemoryStore:
     def __init__(self, max_keys: int = 1_000_000) -> None:
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._max_keys = max_keys
+        self._buckets: dict[str, MemoryBucket] = {}
+        self._outbound: dict[str, MemoryOutbound] = {}
 
     async def get(self, key: str) -> bytes | None:
         entry = self._data.get(key)
@@ -99,6 +123,26 @@ class MemoryStore:
         for key in keys:
             self._data.pop(key, None)
 
+    async def take_tokens(self, key: str, rate: float, burst: int, want: int, refund: int) -> Grant:
+        now = time.monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = MemoryBucket(burst, now)
+        return bucket.take(now, rate, burst, want, refund)
+
+    async def acquire_outbound(
+        self, bucket_key: str, slots_key: str, rate: float, holder: str, limit: int, ttl_ms: int
+    ) -> int:
+        caps = self._outbound.get(slots_key)
+        if caps is None:
+            caps = self._outbound[slots_key] = MemoryOutbound()
+        return caps.acquire(time.monotonic() * 1000, rate, holder, limit, ttl_ms)
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        caps = self._outbound.get(key)
+        if caps is not None:
+            caps.holders.pop(holder, None)
+
     async def ping(self) -> None:
         return None
 
@@ -122,6 +166,9 @@ class RedisStore:
             socket_connect_timeout=config.socket_timeout_s,
         )
         self._redis = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+        # Script objects run EVALSHA and load the script again after a SCRIPT FLUSH.
+        self._take = self._redis.register_script(TAKE_LUA)
+        self._outbound = self._redis.register_script(OUTBOUND_LUA)
 
     async def get(self, key: str) -> bytes | None:
         try:
@@ -169,6 +216,30 @@ class RedisStore:
                 await pipe.execute()
         except RedisError as exc:
             raise StoreError(f"redis DEL failed: {type(exc).__name__}") from exc
+
+    async def take_tokens(self, key: str, rate: float, burst: int, want: int, refund: int) -> Grant:
+        try:
+            granted, left = await self._take(keys=[key], args=[rate, burst, want, refund])
+        except RedisError as exc:
+            raise StoreError(f"redis token bucket failed: {type(exc).__name__}") from exc
+        return Grant(int(granted), float(left))
+
+    async def acquire_outbound(
+        self, bucket_key: str, slots_key: str, rate: float, holder: str, limit: int, ttl_ms: int
+    ) -> int:
+        try:
+            wait = await self._outbound(
+                keys=[bucket_key, slots_key], args=[rate, holder, limit, ttl_ms]
+            )
+        except RedisError as exc:
+            raise StoreError(f"redis outbound caps failed: {type(exc).__name__}") from exc
+        return int(wait)
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        try:
+            await self._redis.zrem(key, holder)
+        except RedisError as exc:
+            raise StoreError(f"redis slot release failed: {type(exc).__name__}") from exc
 
     async def ping(self) -> None:
         try:

@@ -13,7 +13,9 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from gateway.circuit import CircuitBreaker
 from gateway.config import UpstreamConfig
+from gateway.outbound import OutboundCaps, Saturated
 
 __all__ = [
     "FailureKind",
@@ -23,14 +25,13 @@ __all__ = [
     "UpstreamResponse",
 ]
 
-FailureKind = Literal["connect", "timeout", "broken"]
+# connect/timeout/broken: the upstream failed. open/saturated: the gateway held the request
+# back (circuit open, outbound caps full), so it surely never left.
+FailureKind = Literal["connect", "timeout", "broken", "open", "saturated"]
 
 # Caller headers worth passing on. Everything else is dropped, the caller's own credentials
 # and hop-by-hop headers included: an allow-list cannot leak a header nobody thought of.
 FORWARDED_HEADERS = frozenset({"accept-language", "user-agent"})
-
-# An upstream whose connection was refused is tried last for this long.
-_COOLDOWN_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +63,16 @@ class Upstream:
     """One provider. Holds its key and adds it to every request in the provider's style."""
 
     def __init__(
-        self, config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        config: UpstreamConfig,
+        caps: OutboundCaps,
+        breaker: CircuitBreaker,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
+        self.caps = caps
+        self.breaker = breaker
         limits = httpx.Limits(
             max_connections=config.max_concurrency,
             max_keepalive_connections=config.max_concurrency,
@@ -84,14 +91,9 @@ class Upstream:
             follow_redirects=False,
             trust_env=False,
         )
-        self.refused_at = -_COOLDOWN_S
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name}>"
-
-    @property
-    def cooling_down(self) -> bool:
-        return time.monotonic() - self.refused_at < _COOLDOWN_S
 
     async def request(
         self,
@@ -103,7 +105,43 @@ class Upstream:
         caller_headers: Iterable[tuple[str, str]] = (),
         timeout_s: float | None = None,
     ) -> UpstreamResponse:
-        """Send one request; raise UpstreamError when no HTTP answer came back."""
+        """Send one request; raise UpstreamError when no HTTP answer came back.
+
+        The circuit breaker and the outbound caps come first; a request they hold back
+        fails fast as not sent.
+        """
+        if not self.breaker.allow():
+            detail = "circuit open after repeated failures; not called until it recovers"
+            raise UpstreamError(self.name, "open", False, detail)
+        try:
+            holder = await self.caps.acquire()
+        except Saturated:
+            self.breaker.release_probe()
+            detail = (
+                f"saturated: more than {self.config.max_rps:g} requests/s or "
+                f"{self.config.max_concurrency} in flight for {self.config.queue_timeout_s:g} s"
+            )
+            raise UpstreamError(self.name, "saturated", False, detail) from None
+        try:
+            response = await self._send(method, path, request_id, body, caller_headers, timeout_s)
+        finally:
+            self.breaker.release_probe()
+            await self.caps.release(holder)
+        if response.status >= 500:
+            self.breaker.failure()
+        else:
+            self.breaker.success()
+        return response
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        request_id: str,
+        body: bytes | None,
+        caller_headers: Iterable[tuple[str, str]],
+        timeout_s: float | None,
+    ) -> UpstreamResponse:
         headers = [(k, v) for k, v in caller_headers if k in FORWARDED_HEADERS]
         headers += [("accept", "application/json"), ("x-request-id", request_id), self._auth_header]
         if body is not None:
@@ -114,8 +152,7 @@ class Upstream:
                 response = await self._client.request(method, path, content=body, headers=headers)
         except (httpx.HTTPError, TimeoutError) as exc:
             kind, sent = _classify(exc)
-            if kind == "connect":
-                self.refused_at = time.monotonic()
+            self.breaker.failure()
             raise UpstreamError(self.name, kind, sent, _describe(kind, sent)) from None
         return UpstreamResponse(
             upstream=self.name,
@@ -192,14 +229,14 @@ class UpstreamPool:
         return names
 
     def submit_order(self, candidates: Sequence[Upstream]) -> list[Upstream]:
-        """Candidates in the order to try a submit: by weight, those cooling down last.
+        """Candidates in the order to try a submit: by weight, open circuits last.
 
         Weighted sampling without replacement, so a refused submit moves on to another
         upstream in proportion to the weights that remain. Weight 0 means lookups only.
         """
-        ready = [u for u in candidates if u.config.weight > 0 and not u.cooling_down]
-        cooling = [u for u in candidates if u.config.weight > 0 and u.cooling_down]
-        return self._weighted(ready) + self._weighted(cooling)
+        ready = [u for u in candidates if u.config.weight > 0 and not u.breaker.is_open]
+        tripped = [u for u in candidates if u.config.weight > 0 and u.breaker.is_open]
+        return self._weighted(ready) + self._weighted(tripped)
 
     def _weighted(self, upstreams: list[Upstream]) -> list[Upstream]:
         # Efraimidis-Spirakis: sort by u^(1/w), one pass, exact weighted order.

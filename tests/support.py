@@ -145,6 +145,9 @@ class SimProcess:
             "list_by_ids_path": self.list_path,
             "supports_query": self.supports_query,
             "timeout_s": 5,
+            # Generous caps: tests of the caps themselves set their own.
+            "max_rps": 1000,
+            "max_concurrency": 256,
             **overrides,
         }
 
@@ -183,6 +186,8 @@ def make_config(sims: list[SimProcess], redis_url: str = "", **sections: Any) ->
             {"name": "bob", "key": CALLER_KEYS["bob"], "upstreams": [sims[0].name]},
         ],
         "fanout": {"deadline_s": 3},
+        # Generous limits: tests of the limits themselves set their own.
+        "rate_limit": {"default": {"rps": 10000, "burst": 10000}},
     }
     data.update(sections)
     return config_from_dict(data, env={})

@@ -1,0 +1,158 @@
+"""Per-caller rate limits, shared exactly by every worker and replica through the store.
+
+Each worker spends small leases of tokens taken from the caller's shared bucket
+(``gateway.buckets``), so most requests are judged without a store round trip, and a caller
+near its limit is judged by the shared bucket one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.auth import caller_or_none
+from gateway.buckets import Grant
+from gateway.config import Bucket, RateLimitConfig
+from gateway.errors import error_response
+from gateway.middleware import request_info
+from gateway.store import KeySpace, Store, StoreError
+
+__all__ = ["CallerLimiter", "Decision", "RateLimitMiddleware", "route_class"]
+
+log = structlog.get_logger("mjgate.ratelimit")
+
+MAX_LEASE = 64
+LEASE_TTL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int
+    retry_after_s: int = 0
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [
+            (b"ratelimit-limit", str(self.limit).encode()),
+            (b"ratelimit-remaining", str(self.remaining).encode()),
+            (b"ratelimit-reset", str(self.reset_s).encode()),
+        ]
+        if not self.allowed:
+            headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        return headers
+
+
+class _Lease:
+    __slots__ = ("expires_at", "shared_left", "tokens")
+
+    def __init__(self, tokens: int, shared_left: float, expires_at: float) -> None:
+        self.tokens = tokens
+        self.shared_left = shared_left
+        self.expires_at = expires_at
+
+
+def route_class(path: str) -> str:
+    """``submit`` for work-creating routes, ``query`` for everything else."""
+    return "submit" if "/submit/" in path or "/insight-face/" in path else "query"
+
+
+class CallerLimiter:
+    """Decides whether a caller may make one more request now."""
+
+    def __init__(self, store: Store, keys: KeySpace, config: RateLimitConfig) -> None:
+        self.store = store
+        self.keys = keys
+        self.config = config
+        self._leases: dict[str, _Lease] = {}
+        self._store_down = False
+
+    async def check(self, client: str, bucket_name: str, bucket: Bucket) -> Decision:
+        key = self.keys.caller_bucket(client, bucket_name)
+        now = time.monotonic()
+        lease = self._leases.get(key)
+        if lease is not None and lease.tokens > 0 and lease.expires_at > now:
+            lease.tokens -= 1
+            return self._decision(True, bucket, lease.shared_left + lease.tokens)
+        # An expired lease's unspent tokens go back to the shared bucket.
+        refund = lease.tokens if lease is not None else 0
+        self._leases.pop(key, None)
+        try:
+            grant = await self.store.take_tokens(key, bucket.rps, bucket.burst, MAX_LEASE, refund)
+        except StoreError as exc:
+            return self._on_store_error(bucket, exc)
+        if self._store_down:
+            self._store_down = False
+            log.info("rate_limit_store_back")
+        if grant.granted == 0:
+            return self._refusal(bucket, grant)
+        self._leases[key] = _Lease(grant.granted - 1, grant.tokens_left, now + LEASE_TTL_S)
+        return self._decision(True, bucket, grant.tokens_left + grant.granted - 1)
+
+    def _decision(self, allowed: bool, bucket: Bucket, left: float) -> Decision:
+        reset = math.ceil(max(0.0, bucket.burst - left) / bucket.rps)
+        return Decision(allowed, bucket.burst, max(0, math.floor(left)), reset)
+
+    def _refusal(self, bucket: Bucket, grant: Grant) -> Decision:
+        decision = self._decision(False, bucket, grant.tokens_left)
+        retry = max(1, math.ceil(grant.retry_after_s(bucket.rps)))
+        return Decision(False, decision.limit, 0, decision.reset_s, retry)
+
+    def _on_store_error(self, bucket: Bucket, exc: StoreError) -> Decision:
+        allow = self.config.on_store_error == "allow"
+        if not self._store_down:
+            # Once per outage, not once per request: an outage under load would flood logs.
+            self._store_down = True
+            log.warning("store_error", operation="rate_limit", error=str(exc), allowing=allow)
+        if allow:
+            return Decision(True, bucket.burst, bucket.burst, 0)
+        return Decision(False, bucket.burst, 0, 1, retry_after_s=1)
+
+    @property
+    def store_down(self) -> bool:
+        return self._store_down
+
+
+class RateLimitMiddleware:
+    """429 JSON for callers over their limit; ``RateLimit-*`` headers on every answer to an
+    authenticated caller. Unauthenticated paths (health, metrics) are never limited."""
+
+    def __init__(self, app: ASGIApp, limiter: Callable[[], CallerLimiter]) -> None:
+        self.app = app
+        # The limiter is opened in the lifespan, after the middleware stack is built.
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = caller_or_none(scope) if scope["type"] == "http" else None
+        if client is None:
+            await self.app(scope, receive, send)
+            return
+        limiter = self.limiter()
+        limit = client.rate_limit or limiter.config.default
+        name, bucket = limit.for_class(route_class(scope["path"]))
+        decision = await limiter.check(client.name, name, bucket)
+        if not decision.allowed:
+            description = (
+                f"rate limit exceeded for client {client.name}: {bucket.rps:g} requests/s, "
+                f"bursts of {bucket.burst}; retry in {decision.retry_after_s} s"
+            )
+            if limiter.store_down:
+                description = "rate limiter unavailable and configured to deny; retry shortly"
+            response = error_response(429, description, request_info(scope).request_id)
+            response.raw_headers += decision.headers()
+            await response(scope, receive, send)
+            return
+        extra = decision.headers()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
