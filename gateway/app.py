@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import orjson
@@ -22,6 +23,7 @@ from gateway.errors import GatewayError, error_response
 from gateway.handlers import Handlers
 from gateway.logs import configure_logging
 from gateway.lookup import UpstreamFailures
+from gateway.metrics import exposition
 from gateway.middleware import RequestContextMiddleware, request_info
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.store import StoreError
@@ -29,8 +31,6 @@ from gateway.store import StoreError
 __all__ = ["create_app", "factory", "secrets_of"]
 
 log = structlog.get_logger("mjgate.app")
-
-HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def create_app(config: Config) -> Starlette:
@@ -51,20 +51,29 @@ def create_app(config: Config) -> Starlette:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     async def readyz(request: Request) -> Response:
+        """Ready while the store answers; upstream circuits are reported, not required."""
+        circuits = {u.name: u.breaker.state for u in handlers.pool.all}
         try:
             async with asyncio.timeout(max(config.redis.socket_timeout_s, 0.1) * 2):
                 await handlers.store.ping()
         except (StoreError, TimeoutError) as exc:
             log.warning("store_error", operation="ping", error=str(exc) or "timeout")
-            body = {"status": "not ready", "store": "unreachable"}
+            body = {"status": "not ready", "store": "unreachable", "upstreams": circuits}
             return Response(orjson.dumps(body), 503, media_type="application/json")
-        return Response(b'{"status":"ready","store":"ok"}', media_type="application/json")
+        body = {"status": "ready", "store": "ok", "upstreams": circuits}
+        return Response(orjson.dumps(body), media_type="application/json")
 
+    quiet = frozenset({"/healthz", "/readyz", config.metrics.path})
+    routes = [Route("/healthz", healthz), Route("/readyz", readyz)]
+    if config.metrics.enabled:
+        token = config.metrics.token.reveal()
+        routes.append(Route(config.metrics.path, _metrics_endpoint(token)))
     app = Starlette(
-        routes=[Route("/healthz", healthz), Route("/readyz", readyz), *handlers.routes()],
+        # The task routes first: the cached fetch is the request the team makes most.
+        routes=[*handlers.routes(), *routes],
         middleware=[
-            Middleware(RequestContextMiddleware, quiet_paths=HEALTH_PATHS),
-            Middleware(AuthMiddleware, registry=ClientRegistry(config), public_paths=HEALTH_PATHS),
+            Middleware(RequestContextMiddleware, quiet_paths=quiet),
+            Middleware(AuthMiddleware, registry=ClientRegistry(config), public_paths=quiet),
             Middleware(RateLimitMiddleware, limiter=lambda: handlers.limiter),
         ],
         exception_handlers={
@@ -76,6 +85,22 @@ def create_app(config: Config) -> Starlette:
         lifespan=lifespan,
     )
     return app
+
+
+def _metrics_endpoint(token: str) -> Callable[[Request], Awaitable[Response]]:
+    """``/metrics``, behind ``Authorization: Bearer <token>`` when a token is configured."""
+    expected = f"Bearer {token}".encode()
+
+    async def metrics(request: Request) -> Response:
+        if token:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                request_id = request_info(request.scope).request_id
+                return error_response(401, "metrics need the configured bearer token", request_id)
+        body, content_type = exposition()
+        return Response(body, media_type=content_type)
+
+    return metrics
 
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:

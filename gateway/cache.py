@@ -23,6 +23,7 @@ import orjson
 import structlog
 
 from gateway.config import CacheConfig
+from gateway.metrics import TASK_DURATION, TASKS_FINISHED
 from gateway.owners import OwnerMap
 from gateway.store import KeySpace, Store, StoreError
 from gateway.tasks import TERMINAL
@@ -184,6 +185,7 @@ class TaskCache:
         for upstream, task, body in answers:
             task_id = task["id"]
             if task.get("status") in TERMINAL:
+                _count_finished(upstream, task)
                 ttl_s = terminal_ttl_s(task, self.config, now_wall)
                 if ttl_s <= 0:
                     continue
@@ -228,6 +230,14 @@ class TaskCache:
             await self.store.delete(keys)
         except StoreError as exc:
             log.warning("store_error", operation="cache_invalidate", error=str(exc))
+
+
+def _count_finished(upstream: str, task: dict[str, Any]) -> None:
+    """A task this worker sees finished for the first time (it is cached from now on)."""
+    TASKS_FINISHED.labels(upstream, str(task["status"])).inc()
+    submitted, finished = task.get("submitTime"), task.get("finishTime")
+    if isinstance(submitted, int) and isinstance(finished, int) and finished >= submitted > 0:
+        TASK_DURATION.labels(upstream).observe((finished - submitted) / 1000)
 
 
 def encode_task(task: dict[str, Any]) -> bytes:

@@ -192,6 +192,7 @@ class CircuitConfig:
 class MetricsConfig:
     enabled: bool = True
     path: str = "/metrics"
+    token: Secret = field(default_factory=lambda: Secret(""))  # empty: no token needed
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +213,7 @@ class Config:
     fanout: FanoutConfig = FanoutConfig()
     passthrough: tuple[str, ...] = ()
     circuit: CircuitConfig = CircuitConfig()
-    metrics: MetricsConfig = MetricsConfig()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = LoggingConfig()
 
 
@@ -225,7 +226,13 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+        # Never quote the offending line: it may hold a key.
+        where, what = "", "not valid YAML"
+        if isinstance(exc, yaml.MarkedYAMLError):
+            mark = exc.problem_mark or exc.context_mark
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = f"not valid YAML: {exc.problem or exc.context}"
+        raise ConfigError([f"{path}:{where}: {what}"]) from None
     return config_from_dict(data if data is not None else {}, env)
 
 
@@ -534,10 +541,11 @@ class _Reader:
         )
 
     def metrics(self, node: Any) -> MetricsConfig:
-        m = self.mapping(node, "metrics", ("enabled", "path"))
+        m = self.mapping(node, "metrics", ("enabled", "path", "token"))
         return MetricsConfig(
             enabled=self.value(m, "metrics", "enabled", _to_bool, True),
             path=self.value(m, "metrics", "path", str, "/metrics", _path_check),
+            token=Secret(self.value(m, "metrics", "token", str, "")),
         )
 
     def logging(self, node: Any) -> LoggingConfig:

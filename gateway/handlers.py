@@ -20,6 +20,7 @@ from gateway.circuit import CircuitBreaker
 from gateway.config import Config, UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.lookup import TaskLookup, UpstreamFailures, call
+from gateway.metrics import CIRCUIT_STATE, CIRCUIT_VALUES, PARTIAL_ANSWERS, SUBMITS
 from gateway.middleware import RequestInfo, request_info
 from gateway.outbound import OutboundCaps
 from gateway.owners import OwnerMap
@@ -92,6 +93,9 @@ class Handlers:
     def _upstream(self, config: UpstreamConfig, keys: KeySpace) -> Upstream:
         def changed(old: str, new: str) -> None:
             log.warning("circuit_change", upstream=config.name, old=old, new=new)
+            CIRCUIT_STATE.labels(config.name).set(CIRCUIT_VALUES[new])
+
+        CIRCUIT_STATE.labels(config.name).set(0)
 
         circuit = self.config.circuit
         breaker = CircuitBreaker(circuit.failure_threshold, circuit.cooldown_s, changed)
@@ -173,6 +177,8 @@ class Handlers:
     def _merged(body: bytes, failed: list[str], info: RequestInfo) -> Response:
         headers = {"x-gateway-partial": ",".join(failed)} if failed else None
         info.cache = "PARTIAL" if failed else "MISS"
+        for name in failed:
+            PARTIAL_ANSWERS.labels(name).inc()
         return Response(body, headers=headers, media_type="application/json")
 
     async def submit(self, mode: str, request: Request) -> Response:
@@ -194,6 +200,9 @@ class Handlers:
         if not targets:
             raise GatewayError(503, "no upstream is available for submits")
         response = await self._submit_to(targets, request.url.path, orjson.dumps(data), info)
+        envelope = _envelope(response)
+        code = envelope.get("code") if envelope else None
+        SUBMITS.labels(response.upstream, str(code) if code is not None else "none").inc()
         task_id = accepted_task_id(response)
         if task_id is not None:
             await self.owners.record(task_id, response.upstream)
@@ -212,7 +221,7 @@ class Handlers:
         response: UpstreamResponse | None = None
         for upstream in targets:
             try:
-                response = await call(upstream, info, "POST", path, body)
+                response = await call(upstream, info, "submit", "POST", path, body)
             except UpstreamError as exc:
                 if exc.sent:
                     raise UpstreamFailures([exc]) from None
@@ -240,7 +249,9 @@ class Handlers:
             raise GatewayError(404, f"task {task_id} not found")
         body = orjson.dumps(data) if data is not None else None
         try:
-            response = await self._lookup(call(owner, info, request.method, request.url.path, body))
+            response = await self._lookup(
+                call(owner, info, "task_action", request.method, request.url.path, body)
+            )
         finally:
             if action in CHANGES_TASK:
                 await self._invalidate(task_id)
@@ -289,7 +300,8 @@ class Handlers:
         body = orjson.dumps(data) if data is not None else None
         for upstream in targets:
             try:
-                return forward(await call(upstream, info, request.method, path, body))
+                response = await call(upstream, info, "passthrough", request.method, path, body)
+                return forward(response)
             except UpstreamError as exc:
                 if exc.sent or upstream is targets[-1]:
                     raise UpstreamFailures([exc]) from None

@@ -18,6 +18,7 @@ import orjson
 
 from gateway.cache import CachedTask, StoreView, TaskCache, encode_task
 from gateway.config import FanoutConfig
+from gateway.metrics import COALESCED, FANOUT_WIDTH, L1_HIT, L1_MISS, STORE_HIT, STORE_MISS
 from gateway.middleware import RequestInfo
 from gateway.owners import OwnerMap
 from gateway.tasks import is_not_found, parse_task, parse_task_list
@@ -83,6 +84,7 @@ class ListResult:
 async def call(
     upstream: Upstream,
     info: RequestInfo,
+    route: str,
     method: str,
     path: str,
     body: bytes | None = None,
@@ -93,7 +95,9 @@ async def call(
     for the caller, who presented a valid key of their own.
     """
     info.upstreams.append(upstream.name)
-    response = await upstream.request(method, path, request_id=info.request_id, body=body)
+    response = await upstream.request(
+        method, path, route=route, request_id=info.request_id, body=body
+    )
     info.upstream_ms += response.elapsed_s * 1000
     if response.status in (401, 403):
         detail = f"rejected the gateway's key (HTTP {response.status}); check its key in config"
@@ -125,7 +129,11 @@ class TaskLookup:
         if owner not in names:
             return _MISSING_FROM_CACHE
         entry = self.cache.local(owner, task_id)
-        return Answer.cached(entry, "l1") if entry is not None else None
+        if entry is None:
+            L1_MISS.inc()
+            return None
+        L1_HIT.inc()
+        return Answer.cached(entry, "l1")
 
     async def fetch(
         self, mode: str, task_id: str, allowed: Sequence[Upstream], info: RequestInfo
@@ -138,6 +146,7 @@ class TaskLookup:
         key = (task_id, names)
         flight = self._flights.get(key)
         if flight is not None:
+            COALESCED.inc()
             return dataclasses.replace(await asyncio.shield(flight), cache="COALESCED")
         flight = asyncio.create_task(self._fetch_uncached(mode, task_id, allowed, names, info))
         self._flights[key] = flight
@@ -158,7 +167,9 @@ class TaskLookup:
         if view.owner is not None and view.owner not in names:
             return _MISSING_FROM_CACHE
         if view.task is not None:
+            STORE_HIT.inc()
             return Answer.cached(view.task, "store")
+        STORE_MISS.inc()
         asked = {view.owner} if view.owner is not None else names
         if asked <= view.not_found_on:
             return _MISSING_FROM_CACHE
@@ -190,7 +201,7 @@ class TaskLookup:
     async def _fetch_one(
         self, upstream: Upstream, path: str, info: RequestInfo
     ) -> UpstreamResponse | None:
-        response = await call(upstream, info, "GET", path)
+        response = await call(upstream, info, "fetch", "GET", path)
         if error := failed_answer(response):
             raise UpstreamFailures([error])
         return None if is_not_found(response.status, response.content) else response
@@ -200,6 +211,7 @@ class TaskLookup:
     ) -> UpstreamResponse | None:
         """Ask every upstream at once; the first that has the task wins and becomes its owner."""
         errors: list[UpstreamError] = []
+        FANOUT_WIDTH.observe(len(allowed))
         pending = {asyncio.create_task(self._fetch_one(u, path, info)) for u in allowed}
         try:
             for next_done in asyncio.as_completed(pending, timeout=self.fanout.deadline_s):
@@ -280,6 +292,7 @@ class TaskLookup:
         for upstream in allowed:
             ids = [t for t in wanted if owners.get(t) == upstream.name] + unknown
             calls += [(upstream, ids[i : i + size]) for i in range(0, len(ids), size)]
+        FANOUT_WIDTH.observe(len(calls))
         outcomes = await gather_within(
             self.fanout.deadline_s, [(u, self._list_one(mode, u, ids, info)) for u, ids in calls]
         )
@@ -319,7 +332,8 @@ class TaskLookup:
         self, mode: str, upstream: Upstream, ids: list[str], info: RequestInfo
     ) -> list[dict[str, Any]]:
         path = f"{mode}{upstream.config.list_by_ids_path}"
-        response = await call(upstream, info, "POST", path, orjson.dumps({"ids": ids}))
+        body = orjson.dumps({"ids": ids})
+        response = await call(upstream, info, "list_by_ids", "POST", path, body)
         if error := failed_answer(response):
             raise error
         if is_not_found(response.status, response.content):

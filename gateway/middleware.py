@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.metrics import INFLIGHT, observe_request
+
 __all__ = ["RequestContextMiddleware", "RequestInfo", "request_info"]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -67,23 +69,29 @@ class RequestContextMiddleware:
                 message["headers"] = headers
             await send(message)
 
+        if scope["path"] in self.quiet_paths:
+            await self.app(scope, receive, send_with_id)
+            return
+        INFLIGHT.inc()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if scope["path"] not in self.quiet_paths:
-                route = scope.get("route")
-                access_log.info(
-                    "request",
-                    client=info.client,
-                    method=scope["method"],
-                    route=getattr(route, "path", "unmatched"),
-                    status=status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                    cache=info.cache,
-                    cache_tier=info.tier,
-                    upstreams=info.upstreams,
-                    upstream_ms=round(info.upstream_ms, 3),
-                )
+            INFLIGHT.dec()
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            observe_request(route, scope["method"], status, info.cache, elapsed)
+            access_log.info(
+                "request",
+                client=info.client,
+                method=scope["method"],
+                route=route,
+                status=status,
+                duration_ms=round(elapsed * 1000, 3),
+                cache=info.cache,
+                cache_tier=info.tier,
+                upstreams=info.upstreams,
+                upstream_ms=round(info.upstream_ms, 3),
+            )
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -19,6 +19,7 @@ from gateway.auth import caller_or_none
 from gateway.buckets import Grant
 from gateway.config import Bucket, RateLimitConfig
 from gateway.errors import error_response
+from gateway.metrics import RATE_LIMITED
 from gateway.middleware import request_info
 from gateway.store import KeySpace, Store, StoreError
 
@@ -138,6 +139,7 @@ class RateLimitMiddleware:
         name, bucket = limit.for_class(route_class(scope["path"]))
         decision = await limiter.check(client.name, name, bucket)
         if not decision.allowed:
+            RATE_LIMITED.labels(client.name).inc()
             description = (
                 f"rate limit exceeded for client {client.name}: {bucket.rps:g} requests/s, "
                 f"bursts of {bucket.burst}; retry in {decision.retry_after_s} s"

@@ -8,9 +8,10 @@ cache miss or a refusal, so a slow store never stalls a request for long.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 import redis.asyncio as redis
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 
 from gateway.buckets import OUTBOUND_LUA, TAKE_LUA, Grant, MemoryBucket, MemoryOutbound
 from gateway.config import RedisConfig
+from gateway.metrics import STORE_ERRORS
 
 __all__ = ["KeySpace", "MemoryStore", "RedisStore", "Store", "StoreError", "open_store"]
 
@@ -171,84 +173,73 @@ class RedisStore:
         self._outbound = self._redis.register_script(OUTBOUND_LUA)
 
     async def get(self, key: str) -> bytes | None:
-        try:
-            value = await self._redis.get(key)
-        except RedisError as exc:
-            raise StoreError(f"redis GET failed: {type(exc).__name__}") from exc
-        return _as_bytes(value)
+        with _failing("get"):
+            return _as_bytes(await self._redis.get(key))
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        try:
-            values = await self._redis.mget(keys)
-        except RedisError as exc:
-            raise StoreError(f"redis MGET failed: {type(exc).__name__}") from exc
-        return [_as_bytes(v) for v in values]
+        with _failing("mget"):
+            return [_as_bytes(v) for v in await self._redis.mget(keys)]
 
     async def set(self, key: str, value: bytes, ttl_ms: int) -> None:
-        try:
+        with _failing("set"):
             if ttl_ms > 0:
                 await self._redis.set(key, value, px=ttl_ms)
             else:
                 await self._redis.delete(key)
-        except RedisError as exc:
-            raise StoreError(f"redis SET failed: {type(exc).__name__}") from exc
 
     async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
         if not items or ttl_ms <= 0:
             return
-        try:
+        with _failing("set_many"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key, value in items.items():
                     pipe.set(key, value, px=ttl_ms)
                 await pipe.execute()
-        except RedisError as exc:
-            raise StoreError(f"redis pipeline SET failed: {type(exc).__name__}") from exc
 
     async def delete(self, keys: Sequence[str]) -> None:
         if not keys:
             return
-        try:
+        # One DEL per key: keys of different tasks live in different cluster slots.
+        with _failing("delete"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.delete(key)
                 await pipe.execute()
-        except RedisError as exc:
-            raise StoreError(f"redis DEL failed: {type(exc).__name__}") from exc
 
     async def take_tokens(self, key: str, rate: float, burst: int, want: int, refund: int) -> Grant:
-        try:
+        with _failing("take_tokens"):
             granted, left = await self._take(keys=[key], args=[rate, burst, want, refund])
-        except RedisError as exc:
-            raise StoreError(f"redis token bucket failed: {type(exc).__name__}") from exc
         return Grant(int(granted), float(left))
 
     async def acquire_outbound(
         self, bucket_key: str, slots_key: str, rate: float, holder: str, limit: int, ttl_ms: int
     ) -> int:
-        try:
-            wait = await self._outbound(
-                keys=[bucket_key, slots_key], args=[rate, holder, limit, ttl_ms]
-            )
-        except RedisError as exc:
-            raise StoreError(f"redis outbound caps failed: {type(exc).__name__}") from exc
-        return int(wait)
+        with _failing("outbound"):
+            args: list[str | float] = [rate, holder, limit, ttl_ms]
+            return int(await self._outbound(keys=[bucket_key, slots_key], args=args))
 
     async def release_slot(self, key: str, holder: str) -> None:
-        try:
+        with _failing("release_slot"):
             await self._redis.zrem(key, holder)
-        except RedisError as exc:
-            raise StoreError(f"redis slot release failed: {type(exc).__name__}") from exc
 
     async def ping(self) -> None:
-        try:
+        with _failing("ping"):
             await self._redis.ping()
-        except RedisError as exc:
-            raise StoreError(f"redis PING failed: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+@contextlib.contextmanager
+def _failing(operation: str) -> Iterator[None]:
+    """Turn any Redis failure into StoreError, counted by operation."""
+    try:
+        yield
+    except RedisError as exc:
+        STORE_ERRORS.labels(operation).inc()
+        raise StoreError(f"redis {operation} failed: {type(exc).__name__}") from exc
 
 
 def _as_bytes(value: bytes | str | None) -> bytes | None:

@@ -15,6 +15,7 @@ from httpx_aiohttp import AiohttpTransport
 
 from gateway.circuit import CircuitBreaker
 from gateway.config import UpstreamConfig
+from gateway.metrics import UPSTREAM_DURATION, UPSTREAM_REQUESTS
 from gateway.outbound import OutboundCaps, Saturated
 
 __all__ = [
@@ -100,6 +101,7 @@ class Upstream:
         method: str,
         path: str,
         *,
+        route: str,
         request_id: str,
         body: bytes | None = None,
         caller_headers: Iterable[tuple[str, str]] = (),
@@ -110,6 +112,27 @@ class Upstream:
         The circuit breaker and the outbound caps come first; a request they hold back
         fails fast as not sent.
         """
+        try:
+            response = await self._request(
+                method, path, request_id, body, caller_headers, timeout_s
+            )
+        except UpstreamError as exc:
+            UPSTREAM_REQUESTS.labels(self.name, route, exc.kind).inc()
+            raise
+        outcome = "ok" if response.status < 500 and response.status != 429 else "http_error"
+        UPSTREAM_REQUESTS.labels(self.name, route, outcome).inc()
+        UPSTREAM_DURATION.labels(self.name, route).observe(response.elapsed_s)
+        return response
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        request_id: str,
+        body: bytes | None,
+        caller_headers: Iterable[tuple[str, str]],
+        timeout_s: float | None,
+    ) -> UpstreamResponse:
         if not self.breaker.allow():
             detail = "circuit open after repeated failures; not called until it recovers"
             raise UpstreamError(self.name, "open", False, detail)
