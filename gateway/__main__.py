@@ -125,7 +125,7 @@ def _cache_purge(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if not isinstance(config, Config):
         return 2
-    if not config.redis.url.reveal():
+    if not config.redis.enabled:
         print(
             "mjgate: the embedded store lives inside the gateway process; purge through its "
             'route instead: POST /admin/cache/purge {"ids": [...]} as an admin client',

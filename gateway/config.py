@@ -93,13 +93,24 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    """Empty ``url`` selects the embedded in-process store."""
+    """Empty ``url`` and no ``sentinels`` select the embedded in-process store.
+
+    ``cluster: true`` treats ``url`` as one node of a Redis Cluster. ``sentinels`` (host:port
+    entries) find the master of ``service_name``; ``url`` then only lends its password and db.
+    """
 
     url: Secret = field(default_factory=lambda: Secret(""))
     key_prefix: str = "mjgate"
     socket_timeout_s: float = 0.25
     max_connections: int = 64
     pool_timeout_s: float = 0.5
+    cluster: bool = False
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service_name: str = "mymaster"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url.reveal() or self.sentinels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,16 +381,37 @@ class _Reader:
         )
 
     def redis(self, node: Any) -> RedisConfig:
-        keys = ("url", "key_prefix", "socket_timeout_s", "max_connections", "pool_timeout_s")
-        m = self.mapping(node, "redis", keys)
+        m = self.mapping(node, "redis", tuple(RedisConfig.__dataclass_fields__))
         url = self.value(m, "redis", "url", str, "", _redis_url)
+        cluster = self.value(m, "redis", "cluster", _to_bool, False)
+        sentinels = self.sentinels(m.get("sentinels"))
+        if cluster and (sentinels or not url):
+            self.fail("redis.cluster", "needs redis.url (one cluster node) and no sentinels")
         return RedisConfig(
+            cluster=cluster,
+            sentinels=sentinels,
+            service_name=self.value(m, "redis", "service_name", str, "mymaster"),
             url=Secret(url),
             key_prefix=self.value(m, "redis", "key_prefix", str, "mjgate", _matches(KEY_PREFIX)),
             socket_timeout_s=self.value(m, "redis", "socket_timeout_s", _to_float, 0.25, _positive),
             max_connections=self.value(m, "redis", "max_connections", _to_int, 64, _at_least(1)),
             pool_timeout_s=self.value(m, "redis", "pool_timeout_s", _to_float, 0.5, _positive),
         )
+
+    def sentinels(self, node: Any) -> tuple[tuple[str, int], ...]:
+        if node is None:
+            return ()
+        if not isinstance(node, list):
+            self.fail("redis.sentinels", "must be a list of host:port entries")
+            return ()
+        result: list[tuple[str, int]] = []
+        for index, item in enumerate(node):
+            host, _, port = str(item).rpartition(":")
+            if not host or not port.isdigit():
+                self.fail(f"redis.sentinels[{index}]", "must be host:port")
+                continue
+            result.append((host, int(port)))
+        return tuple(result)
 
     def upstreams(self, node: Any) -> tuple[UpstreamConfig, ...]:
         if not isinstance(node, list) or not node:

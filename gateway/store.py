@@ -12,10 +12,13 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -160,14 +163,8 @@ class RedisStore:
     """
 
     def __init__(self, config: RedisConfig) -> None:
-        pool = redis.BlockingConnectionPool.from_url(
-            config.url.reveal(),
-            max_connections=config.max_connections,
-            timeout=config.pool_timeout_s,
-            socket_timeout=config.socket_timeout_s,
-            socket_connect_timeout=config.socket_timeout_s,
-        )
-        self._redis = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+        self._cluster = config.cluster
+        self._redis = _client(config)
         # Script objects run EVALSHA and load the script again after a SCRIPT FLUSH.
         self._take = self._redis.register_script(TAKE_LUA)
         self._outbound = self._redis.register_script(OUTBOUND_LUA)
@@ -180,7 +177,12 @@ class RedisStore:
         if not keys:
             return []
         with _failing("mget"):
-            return [_as_bytes(v) for v in await self._redis.mget(keys)]
+            if self._cluster:
+                # Keys of different tasks live in different slots: one MGET per slot.
+                values = await self._redis.mget_nonatomic(keys)
+            else:
+                values = await self._redis.mget(keys)
+            return [_as_bytes(v) for v in values]
 
     async def set(self, key: str, value: bytes, ttl_ms: int) -> None:
         with _failing("set"):
@@ -232,6 +234,33 @@ class RedisStore:
         await self._redis.aclose()
 
 
+def _client(config: RedisConfig) -> Any:
+    """A redis-py asyncio client for a single server, a Sentinel-watched master or a
+    Cluster: short timeouts, no retries, bounded connections."""
+    url = config.url.reveal()
+    timeouts = {
+        "socket_timeout": config.socket_timeout_s,
+        "socket_connect_timeout": config.socket_timeout_s,
+    }
+    if config.sentinels:
+        parts = urlsplit(url)
+        db = int(parts.path.strip("/") or 0) if url else 0
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(config.sentinels), sentinel_kwargs=timeouts, **timeouts
+        )
+        return sentinel.master_for(
+            config.service_name, password=parts.password, db=db, retry=Retry(NoBackoff(), 0)
+        )
+    if config.cluster:
+        return RedisCluster.from_url(
+            url, max_connections=config.max_connections, retry=Retry(NoBackoff(), 0), **timeouts
+        )
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=config.max_connections, timeout=config.pool_timeout_s, **timeouts
+    )
+    return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+
+
 @contextlib.contextmanager
 def _failing(operation: str) -> Iterator[None]:
     """Turn any Redis failure into StoreError, counted by operation."""
@@ -249,6 +278,6 @@ def _as_bytes(value: bytes | str | None) -> bytes | None:
 
 def open_store(config: RedisConfig) -> Store:
     """The store the config asks for: Redis when ``redis.url`` is set, else in-process memory."""
-    if config.url.reveal():
+    if config.enabled:
         return RedisStore(config)
     return MemoryStore()
