@@ -137,7 +137,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def secrets_of(config: Config) -> list[str]:
     """Every secret value in the config, for the log redactor."""
-    secrets = [u.key.reveal() for u in config.upstreams]
+    secrets = [u.key.reveal() for u in config.upstreams] + [config.metrics.token.reveal()]
     redis_url = config.redis.url.reveal()
     if "@" in redis_url:
         secrets.append(redis_url.split("@", 1)[0].rsplit(":", 1)[-1])

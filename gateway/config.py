@@ -305,7 +305,7 @@ class _Reader:
         if node is None:
             return {}
         if not isinstance(node, dict):
-            self.fail(path, "must be a mapping")
+            self.fail(path or "<root>", "must be a mapping")
             return {}
         for key in node:
             if key not in allowed:
@@ -348,7 +348,7 @@ class _Reader:
         return str(value)
 
     def config(self, data: Any) -> Config | None:
-        root = self.mapping(data, "<root>", _ROOT_KEYS)
+        root = self.mapping(data, "", _ROOT_KEYS)
         upstreams = self.upstreams(root.get("upstreams"))
         names = {u.name for u in upstreams}
         clients = self.clients(root.get("clients"), names)

@@ -33,15 +33,24 @@ class SecretRedactor:
         for name, value in event.items():
             if name.lower() in _SENSITIVE_FIELDS:
                 event[name] = _REDACTED
-            elif isinstance(value, str) and self._secrets:
+            elif not isinstance(value, int | float | bool | None):
                 event[name] = self._scrub(value)
         return event
 
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, _REDACTED)
-        return text
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self._secrets:
+                if secret in value:
+                    value = value.replace(secret, _REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {
+                k: _REDACTED if str(k).lower() in _SENSITIVE_FIELDS else self._scrub(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [self._scrub(v) for v in value]
+        return value
 
 
 def configure_logging(config: LoggingConfig, secrets: Iterable[str] = ()) -> None:

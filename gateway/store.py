@@ -192,7 +192,10 @@ class RedisStore:
                 await self._redis.delete(key)
 
     async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
-        if not items or ttl_ms <= 0:
+        if not items:
+            return
+        if ttl_ms <= 0:
+            await self.delete(list(items))
             return
         with _failing("set_many"):
             async with self._redis.pipeline(transaction=False) as pipe:

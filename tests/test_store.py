@@ -1,0 +1,277 @@
+"""The Store protocol: the same behavior from MemoryStore and RedisStore, and a Redis that is
+gone failing fast with StoreError."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from gateway.config import RedisConfig, Secret
+from gateway.store import KeySpace, MemoryStore, RedisStore, Store, StoreError, open_store
+from tests.support import RedisProcess
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each behavior test runs on the embedded store and on the session's real Redis."""
+    if request.param == "memory":
+        memory = MemoryStore()
+        yield memory
+        await memory.close()
+        return
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    redis_store = RedisStore(RedisConfig(url=Secret(server.url)))
+    yield redis_store
+    await redis_store.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Keys unique to the test, so tests sharing the session's Redis never see each other."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A redis-server this test may stop."""
+    server = RedisProcess()
+    server.start()
+    yield server
+    server.stop()
+
+
+# --- behavior shared by both stores ----------------------------------------------------------
+
+
+async def test_get_of_a_missing_key_is_none(store: Store, prefix: str) -> None:
+    assert await store.get(f"{prefix}:nothing") is None
+
+
+async def test_set_then_get_returns_the_exact_bytes(store: Store, prefix: str) -> None:
+    value = b'{"id":"1"}\x00\xff\xfe not utf-8 \r\n'
+    await store.set(f"{prefix}:a", value, 10_000)
+    assert await store.get(f"{prefix}:a") == value
+
+
+async def test_set_overwrites(store: Store, prefix: str) -> None:
+    await store.set(f"{prefix}:a", b"one", 10_000)
+    await store.set(f"{prefix}:a", b"two", 10_000)
+    assert await store.get(f"{prefix}:a") == b"two"
+
+
+async def test_ttl_is_in_milliseconds(store: Store, prefix: str) -> None:
+    await store.set(f"{prefix}:short", b"x", 150)
+    await store.set(f"{prefix}:long", b"y", 10_000)
+    assert await store.get(f"{prefix}:short") == b"x"
+    await asyncio.sleep(0.3)
+    assert await store.get(f"{prefix}:short") is None
+    assert await store.get(f"{prefix}:long") == b"y"
+
+
+async def test_overwrite_sets_a_new_ttl(store: Store, prefix: str) -> None:
+    await store.set(f"{prefix}:a", b"old", 80)
+    await store.set(f"{prefix}:a", b"new", 10_000)
+    await asyncio.sleep(0.2)
+    assert await store.get(f"{prefix}:a") == b"new"
+
+
+@pytest.mark.parametrize("ttl_ms", [0, -1, -10_000])
+async def test_set_with_ttl_not_above_zero_deletes(store: Store, prefix: str, ttl_ms: int) -> None:
+    await store.set(f"{prefix}:a", b"x", 10_000)
+    await store.set(f"{prefix}:a", b"y", ttl_ms)
+    assert await store.get(f"{prefix}:a") is None
+
+
+async def test_mget_answers_in_the_order_asked_with_none_for_missing(
+    store: Store, prefix: str
+) -> None:
+    await store.set(f"{prefix}:a", b"A", 10_000)
+    await store.set(f"{prefix}:c", b"C", 10_000)
+    keys = [f"{prefix}:c", f"{prefix}:missing", f"{prefix}:a", f"{prefix}:c"]
+    assert await store.mget(keys) == [b"C", None, b"A", b"C"]
+
+
+async def test_mget_of_nothing(store: Store) -> None:
+    assert await store.mget([]) == []
+
+
+async def test_mget_leaves_out_expired_values(store: Store, prefix: str) -> None:
+    await store.set(f"{prefix}:a", b"A", 60)
+    await store.set(f"{prefix}:b", b"B", 10_000)
+    await asyncio.sleep(0.15)
+    assert await store.mget([f"{prefix}:a", f"{prefix}:b"]) == [None, b"B"]
+
+
+async def test_set_many_writes_every_item_with_the_ttl(store: Store, prefix: str) -> None:
+    items = {f"{prefix}:{n}": f"value-{n}".encode() for n in range(5)}
+    await store.set_many(items, 150)
+    assert await store.mget(list(items)) == list(items.values())
+    await asyncio.sleep(0.3)
+    assert await store.mget(list(items)) == [None] * 5
+
+
+async def test_set_many_of_nothing(store: Store, prefix: str) -> None:
+    await store.set_many({}, 10_000)
+    assert await store.get(f"{prefix}:a") is None
+
+
+async def test_set_many_with_ttl_not_above_zero_deletes_like_set(store: Store, prefix: str) -> None:
+    """``set`` with ttl <= 0 deletes the key on both stores; ``set_many`` is the same write for
+    several keys and must not behave differently (the stores must be interchangeable)."""
+    await store.set_many({f"{prefix}:a": b"x", f"{prefix}:b": b"y"}, 10_000)
+    await store.set_many({f"{prefix}:a": b"new"}, 0)
+    assert await store.get(f"{prefix}:a") is None
+    assert await store.get(f"{prefix}:b") == b"y"
+
+
+async def test_delete_removes_the_keys_given(store: Store, prefix: str) -> None:
+    await store.set_many({f"{prefix}:{n}": b"v" for n in "abc"}, 10_000)
+    await store.delete([f"{prefix}:a", f"{prefix}:c", f"{prefix}:never-set"])
+    assert await store.mget([f"{prefix}:a", f"{prefix}:b", f"{prefix}:c"]) == [None, b"v", None]
+
+
+async def test_delete_of_nothing(store: Store, prefix: str) -> None:
+    await store.set(f"{prefix}:a", b"v", 10_000)
+    await store.delete([])
+    assert await store.get(f"{prefix}:a") == b"v"
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
+
+
+async def test_concurrent_use(store: Store, prefix: str) -> None:
+    await asyncio.gather(*(store.set(f"{prefix}:{n}", str(n).encode(), 10_000) for n in range(50)))
+    values = await asyncio.gather(*(store.get(f"{prefix}:{n}") for n in range(50)))
+    assert values == [str(n).encode() for n in range(50)]
+
+
+# --- MemoryStore ---------------------------------------------------------------------------
+
+
+async def test_memory_store_keeps_at_most_max_keys_oldest_write_evicted_first() -> None:
+    store = MemoryStore(max_keys=3)
+    for key in "abc":
+        await store.set(key, key.encode(), 10_000)
+    await store.set("a", b"a2", 10_000)  # rewritten: now the newest
+    await store.set("d", b"d", 10_000)
+    assert await store.mget(["a", "b", "c", "d"]) == [b"a2", None, b"c", b"d"]
+    await store.set_many({"e": b"e", "f": b"f"}, 10_000)
+    assert await store.mget(["a", "c", "d", "e", "f"]) == [None, None, b"d", b"e", b"f"]
+
+
+async def test_memory_store_close_forgets_everything() -> None:
+    store = MemoryStore()
+    await store.set("a", b"x", 10_000)
+    await store.close()
+    assert await store.get("a") is None
+
+
+# --- RedisStore against a Redis that is gone ------------------------------------------------
+
+
+async def assert_fails_fast(action: str, store: RedisStore) -> None:
+    started = time.monotonic()
+    with pytest.raises(StoreError):
+        if action == "get":
+            await store.get("k")
+        elif action == "mget":
+            await store.mget(["k", "j"])
+        elif action == "set":
+            await store.set("k", b"v", 10_000)
+        elif action == "set_many":
+            await store.set_many({"k": b"v"}, 10_000)
+        elif action == "delete":
+            await store.delete(["k"])
+        else:
+            await store.ping()
+    assert time.monotonic() - started < 1.0
+
+
+ACTIONS = ["get", "mget", "set", "set_many", "delete", "ping"]
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+async def test_redis_store_on_a_stopped_server_raises_store_error_quickly(
+    own_redis: RedisProcess, action: str
+) -> None:
+    store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
+    try:
+        await store.set("k", b"v", 10_000)  # a pooled connection now exists
+        assert await store.get("k") == b"v"
+        own_redis.stop()
+        await assert_fails_fast(action, store)
+    finally:
+        await store.close()
+
+
+async def test_redis_store_never_connected_to_a_stopped_server_fails_fast(
+    own_redis: RedisProcess,
+) -> None:
+    own_redis.stop()
+    store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
+    try:
+        for action in ACTIONS:
+            await assert_fails_fast(action, store)
+    finally:
+        await store.close()
+
+
+async def test_redis_store_works_again_when_the_server_is_back(own_redis: RedisProcess) -> None:
+    store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
+    try:
+        await store.set("k", b"v", 10_000)
+        own_redis.stop()
+        with pytest.raises(StoreError):
+            await store.get("k")
+        own_redis.start()  # same port, empty data set
+        assert await store.get("k") is None
+        await store.set("k", b"w", 10_000)
+        assert await store.get("k") == b"w"
+    finally:
+        await store.close()
+
+
+async def test_store_error_does_not_show_the_redis_password(own_redis: RedisProcess) -> None:
+    own_redis.stop()
+    url = f"redis://:pw-secret-5521@127.0.0.1:{own_redis.port}/0"
+    store = RedisStore(RedisConfig(url=Secret(url)))
+    try:
+        with pytest.raises(StoreError) as caught:
+            await store.get("k")
+        assert "pw-secret-5521" not in str(caught.value)
+        assert "pw-secret-5521" not in repr(caught.value)
+    finally:
+        await store.close()
+
+
+# --- open_store and KeySpace -----------------------------------------------------------------
+
+
+async def test_open_store_without_url_is_the_memory_store() -> None:
+    store = open_store(RedisConfig(url=Secret("")))
+    assert isinstance(store, MemoryStore)
+    await store.close()
+
+
+async def test_open_store_with_url_is_redis(redis_server: RedisProcess, prefix: str) -> None:
+    store = open_store(RedisConfig(url=Secret(redis_server.url)))
+    try:
+        assert isinstance(store, RedisStore)
+        await store.set(f"{prefix}:a", b"shared", 10_000)
+        # A second store on the same URL sees the write: the data lives in the server.
+        other = open_store(RedisConfig(url=Secret(redis_server.url)))
+        assert await other.get(f"{prefix}:a") == b"shared"
+        await other.close()
+    finally:
+        await store.close()
+
+
+def test_owner_keys_are_prefixed_and_hash_tagged_by_task_id() -> None:
+    keys = KeySpace("team-a")
+    assert keys.owner("1712345678901234") == "team-a:{1712345678901234}:owner"
+    assert keys.owner("a") != KeySpace("team-b").owner("a")
