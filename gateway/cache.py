@@ -13,6 +13,7 @@ and one MGET reads a task's owner, not-found mark and bodies in a single round t
 from __future__ import annotations
 
 import re
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,8 +40,12 @@ __all__ = [
 
 log = structlog.get_logger("mjgate.cache")
 
+# A stored value is: mark (T terminal, R running), 8-byte big-endian expiry in Unix ms, body.
+# The expiry travels with the body so that a worker copying it into L1 never keeps it longer
+# than the store would.
 _TERMINAL_MARK = b"T"
 _RUNNING_MARK = b"R"
+_HEADER = struct.Struct(">cQ")
 _EXPIRY = re.compile(r"[?&]ex=([0-9a-fA-F]{1,16})(?:&|$)")
 
 
@@ -154,7 +159,7 @@ class TaskCache:
         except StoreError as exc:
             log.warning("store_error", operation="cache_read", error=str(exc))
             return {}
-        now = time.monotonic()
+        now, now_wall = time.monotonic(), time.time()
         views: dict[str, StoreView] = {}
         for index, task_id in enumerate(task_ids):
             row = values[index * width : (index + 1) * width]
@@ -166,15 +171,23 @@ class TaskCache:
                 view.not_found_on = frozenset(row[1].decode().split(","))
             for upstream, value in zip(upstreams, row[2:], strict=True):
                 if value is not None and (view.owner is None or view.owner == upstream):
-                    view.task = self._from_store(upstream, task_id, value, now)
+                    view.task = self._from_store(upstream, task_id, value, now, now_wall)
                     break
             views[task_id] = view
         return views
 
-    def _from_store(self, upstream: str, task_id: str, value: bytes, now: float) -> CachedTask:
-        terminal = value[:1] == _TERMINAL_MARK
-        ttl_s = self.config.l1_ttl_s if terminal else self.config.inflight_ttl_ms / 1000
-        entry = CachedTask(upstream, value[1:], terminal, now + ttl_s)
+    def _from_store(
+        self, upstream: str, task_id: str, value: bytes, now: float, now_wall: float
+    ) -> CachedTask | None:
+        if len(value) < _HEADER.size:
+            return None
+        mark, expires_ms = _HEADER.unpack_from(value)
+        left_s = expires_ms / 1000 - now_wall
+        if left_s <= 0:
+            return None
+        terminal = mark == _TERMINAL_MARK
+        ttl_s = min(left_s, self.config.l1_ttl_s) if terminal else left_s
+        entry = CachedTask(upstream, value[_HEADER.size :], terminal, now + ttl_s)
         self.l1.put(task_id, entry)
         return entry
 
@@ -196,8 +209,9 @@ class TaskCache:
             if ttl_s <= 0:
                 continue
             self.l1.put(task_id, CachedTask(upstream, body, mark == _TERMINAL_MARK, now + l1_ttl))
+            header = _HEADER.pack(mark, int((now_wall + ttl_s) * 1000))
             by_ttl.setdefault(int(ttl_s * 1000), {})[self.keys.task(upstream, task_id)] = (
-                mark + body
+                header + body
             )
         await self._write(by_ttl)
 
@@ -217,9 +231,9 @@ class TaskCache:
         except StoreError as exc:
             log.warning("store_error", operation="cache_write", error=str(exc))
 
-    async def invalidate(self, task_ids: Iterable[str], upstreams: Sequence[str]) -> None:
+    async def invalidate(self, task_ids: Iterable[str], upstreams: Sequence[str]) -> bool:
         """Drop ids from this process's L1 and from the store (hence from every worker's L1
-        within ``l1_ttl_s``)."""
+        within ``l1_ttl_s``). False when the store could not be reached."""
         keys: list[str] = []
         for task_id in task_ids:
             for upstream in upstreams:
@@ -230,6 +244,8 @@ class TaskCache:
             await self.store.delete(keys)
         except StoreError as exc:
             log.warning("store_error", operation="cache_invalidate", error=str(exc))
+            return False
+        return True
 
 
 def _count_finished(upstream: str, task: dict[str, Any]) -> None:

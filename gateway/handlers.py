@@ -281,7 +281,8 @@ class Handlers:
         if not caller(request.scope).admin:
             raise GatewayError(403, "this route needs a client with admin: true")
         ids = await read_ids(request, self.max_body, self.config.fanout.max_ids)
-        await self.cache.invalidate(ids, [u.name for u in self.pool.all])
+        if not await self.cache.invalidate(ids, [u.name for u in self.pool.all]):
+            raise GatewayError(503, "the store failed the delete; dropped from this worker only")
         return Response(orjson.dumps({"purged": ids}), media_type="application/json")
 
     async def passthrough(self, request: Request) -> Response:

@@ -25,7 +25,8 @@ async def purge(config: Config, task_ids: Sequence[str]) -> None:
         keys = KeySpace(config.redis.key_prefix)
         owners = OwnerMap(store, keys, config.cache.owner_ttl_s, 0)
         cache = TaskCache(store, keys, config.cache, owners)
-        await cache.invalidate(task_ids, [u.name for u in config.upstreams])
+        if not await cache.invalidate(task_ids, [u.name for u in config.upstreams]):
+            raise ValueError("the store refused or failed the delete; nothing was purged")
     except StoreError as exc:
         raise ValueError(f"cannot reach the store: {exc}") from None
     finally:

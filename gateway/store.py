@@ -20,13 +20,18 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.buckets import OUTBOUND_LUA, TAKE_LUA, Grant, MemoryBucket, MemoryOutbound
 from gateway.config import RedisConfig
 from gateway.metrics import STORE_ERRORS
 
 __all__ = ["KeySpace", "MemoryStore", "RedisStore", "Store", "StoreError", "open_store"]
+
+
+_FAIL_FAST_S = 1.0
 
 
 class StoreError(Exception):
@@ -165,18 +170,40 @@ class RedisStore:
     def __init__(self, config: RedisConfig) -> None:
         self._cluster = config.cluster
         self._redis = _client(config)
+        self._failing_until = 0.0
         # Script objects run EVALSHA and load the script again after a SCRIPT FLUSH.
         self._take = self._redis.register_script(TAKE_LUA)
         self._outbound = self._redis.register_script(OUTBOUND_LUA)
 
+    @contextlib.contextmanager
+    def _guard(self, operation: str, probe: bool = False) -> Iterator[None]:
+        """Turn Redis failures into StoreError, counted by operation.
+
+        After a timeout or a lost connection every call fails at once for a moment: a frozen
+        Redis would otherwise cost each request a full socket timeout per store call. A
+        ``probe`` (the readiness ping) always tries, and its success ends the moment.
+        """
+        if not probe and time.monotonic() < self._failing_until:
+            STORE_ERRORS.labels(operation).inc()
+            raise StoreError(f"redis {operation} skipped: the store failed a moment ago")
+        try:
+            yield
+        except RedisError as exc:
+            STORE_ERRORS.labels(operation).inc()
+            if isinstance(exc, RedisTimeoutError | RedisConnectionError):
+                self._failing_until = time.monotonic() + _FAIL_FAST_S
+            raise StoreError(f"redis {operation} failed: {type(exc).__name__}") from exc
+        if probe:
+            self._failing_until = 0.0
+
     async def get(self, key: str) -> bytes | None:
-        with _failing("get"):
+        with self._guard("get"):
             return _as_bytes(await self._redis.get(key))
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        with _failing("mget"):
+        with self._guard("mget"):
             if self._cluster:
                 # Keys of different tasks live in different slots: one MGET per slot.
                 values = await self._redis.mget_nonatomic(keys)
@@ -185,7 +212,7 @@ class RedisStore:
             return [_as_bytes(v) for v in values]
 
     async def set(self, key: str, value: bytes, ttl_ms: int) -> None:
-        with _failing("set"):
+        with self._guard("set"):
             if ttl_ms > 0:
                 await self._redis.set(key, value, px=ttl_ms)
             else:
@@ -197,7 +224,7 @@ class RedisStore:
         if ttl_ms <= 0:
             await self.delete(list(items))
             return
-        with _failing("set_many"):
+        with self._guard("set_many"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key, value in items.items():
                     pipe.set(key, value, px=ttl_ms)
@@ -207,30 +234,30 @@ class RedisStore:
         if not keys:
             return
         # One DEL per key: keys of different tasks live in different cluster slots.
-        with _failing("delete"):
+        with self._guard("delete"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.delete(key)
                 await pipe.execute()
 
     async def take_tokens(self, key: str, rate: float, burst: int, want: int, refund: int) -> Grant:
-        with _failing("take_tokens"):
+        with self._guard("take_tokens"):
             granted, left = await self._take(keys=[key], args=[rate, burst, want, refund])
         return Grant(int(granted), float(left))
 
     async def acquire_outbound(
         self, bucket_key: str, slots_key: str, rate: float, holder: str, limit: int, ttl_ms: int
     ) -> int:
-        with _failing("outbound"):
+        with self._guard("outbound"):
             args: list[str | float] = [rate, holder, limit, ttl_ms]
             return int(await self._outbound(keys=[bucket_key, slots_key], args=args))
 
     async def release_slot(self, key: str, holder: str) -> None:
-        with _failing("release_slot"):
+        with self._guard("release_slot"):
             await self._redis.zrem(key, holder)
 
     async def ping(self) -> None:
-        with _failing("ping"):
+        with self._guard("ping", probe=True):
             await self._redis.ping()
 
     async def close(self) -> None:
@@ -262,16 +289,6 @@ def _client(config: RedisConfig) -> Any:
         url, max_connections=config.max_connections, timeout=config.pool_timeout_s, **timeouts
     )
     return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
-
-
-@contextlib.contextmanager
-def _failing(operation: str) -> Iterator[None]:
-    """Turn any Redis failure into StoreError, counted by operation."""
-    try:
-        yield
-    except RedisError as exc:
-        STORE_ERRORS.labels(operation).inc()
-        raise StoreError(f"redis {operation} failed: {type(exc).__name__}") from exc
 
 
 def _as_bytes(value: bytes | str | None) -> bytes | None:
