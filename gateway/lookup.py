@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+Found = tuple[UpstreamResponse, dict[str, Any]]  # an upstream's answer and the task in it
 
 
 class UpstreamFailures(Exception):
@@ -173,18 +174,16 @@ class TaskLookup:
         asked = {view.owner} if view.owner is not None else names
         if asked <= view.not_found_on:
             return _MISSING_FROM_CACHE
-        path = f"{mode}/mj/task/{task_id}/fetch"
         if view.owner is None:
-            response = await self._fetch_any(task_id, path, allowed, info)
+            found = await self._fetch_any(mode, task_id, allowed, info)
         else:
             owner = next(u for u in allowed if u.name == view.owner)
-            response = await self._fetch_one(owner, path, info)
-        if response is None:
+            found = await self._fetch_one(owner, mode, task_id, info)
+        if found is None:
             await self.cache.put_not_found({task_id: asked})
             return _MISSING
-        task = parse_task(response.content)
-        if task is not None and task["id"] == task_id and response.status == 200:
-            await self.cache.put_tasks([(response.upstream, task, response.content)])
+        response, task = found
+        await self.cache.put_tasks([(response.upstream, task, response.content)])
         return Answer(True, response.content, response.status, response.content_type)
 
     async def owner_of(
@@ -193,39 +192,50 @@ class TaskLookup:
         """The upstream that owns a task, asking every allowed upstream when unknown."""
         owner_name = await self.owners.get(task_id)
         if owner_name is None:
-            path = f"{mode}/mj/task/{task_id}/fetch"
-            found = await self._fetch_any(task_id, path, allowed, info)
-            owner_name = found.upstream if found else None
+            found = await self._fetch_any(mode, task_id, allowed, info)
+            owner_name = found[0].upstream if found else None
         return next((u for u in allowed if u.name == owner_name), None)
 
     async def _fetch_one(
-        self, upstream: Upstream, path: str, info: RequestInfo
-    ) -> UpstreamResponse | None:
+        self, upstream: Upstream, mode: str, task_id: str, info: RequestInfo
+    ) -> Found | None:
+        """The task from one upstream, None if it has no such task.
+
+        Only a 200 holding this very task counts as found: any other answer (a relay's quota
+        error, say) is that upstream failing, and must not make it the task's owner.
+        """
+        path = f"{mode}/mj/task/{task_id}/fetch"
         response = await call(upstream, info, "fetch", "GET", path)
         if error := failed_answer(response):
             raise UpstreamFailures([error])
-        return None if is_not_found(response.status, response.content) else response
+        if is_not_found(response.status, response.content):
+            return None
+        task = parse_task(response.content) if response.status == 200 else None
+        if task is None or task["id"] != task_id:
+            detail = f"answered HTTP {response.status} with something other than the task"
+            raise UpstreamFailures([UpstreamError(upstream.name, "broken", True, detail)])
+        return response, task
 
     async def _fetch_any(
-        self, task_id: str, path: str, allowed: Sequence[Upstream], info: RequestInfo
-    ) -> UpstreamResponse | None:
+        self, mode: str, task_id: str, allowed: Sequence[Upstream], info: RequestInfo
+    ) -> Found | None:
         """Ask every upstream at once; the first that has the task wins and becomes its owner."""
         errors: list[UpstreamError] = []
         FANOUT_WIDTH.observe(len(allowed))
-        pending = {asyncio.create_task(self._fetch_one(u, path, info)) for u in allowed}
+        pending = {asyncio.create_task(self._fetch_one(u, mode, task_id, info)) for u in allowed}
         try:
             for next_done in asyncio.as_completed(pending, timeout=self.fanout.deadline_s):
                 try:
-                    response = await next_done
+                    found = await next_done
                 except UpstreamFailures as exc:
                     errors.extend(exc.errors)
                     continue
                 except UpstreamError as exc:
                     errors.append(exc)
                     continue
-                if response is not None:
-                    await self.owners.record(task_id, response.upstream)
-                    return response
+                if found is not None:
+                    await self.owners.record(task_id, found[0].upstream)
+                    return found
         except TimeoutError:
             answered = {e.upstream for e in errors}
             errors += [_missed_deadline(u) for u in allowed if u.name not in answered]

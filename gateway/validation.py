@@ -114,7 +114,7 @@ def parent_task_id(kind: str, data: dict[str, Any]) -> str | None:
         if not isinstance(content, str) or not content.strip():
             raise GatewayError(400, "simple-change needs 'content' like '<taskId> U2'")
         return require_task_id(content.split()[0], "the task id in 'content'")
-    if "taskId" in data:
+    if data.get("taskId") is not None:
         return require_task_id(data["taskId"], "field 'taskId'")
     if kind in _PARENT_REQUIRED:
         raise GatewayError(400, f"{kind} needs 'taskId', the task it acts on")
