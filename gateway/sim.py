@@ -53,6 +53,7 @@ FLAVOR_NOT_FOUND: dict[str, NotFoundStyle] = {"java": "empty", "csharp": "204", 
 RUNTIME_FIELDS = (
     "latency_ms",
     "error_rate",
+    "error_status",
     "timeout_rate",
     "hang_s",
     "queue_full_rate",
@@ -86,6 +87,7 @@ class SimSettings:
     image_ttl_s: int = 86400
     latency_ms: float = 0.0
     error_rate: float = 0.0
+    error_status: int = 500  # the status of injected errors: 500, 502, 503, 429...
     timeout_rate: float = 0.0
     hang_s: float = 30.0
     queue_full_rate: float = 0.0
@@ -220,7 +222,7 @@ class Sim:
         if settings.timeout_rate > 0 and self.rng.random() < settings.timeout_rate:
             await asyncio.sleep(settings.hang_s)
         if settings.error_rate > 0 and self.rng.random() < settings.error_rate:
-            return self._error(500, "simulated upstream error")
+            return self._error(settings.error_status, "simulated upstream error")
         raw = await _read_body(receive) if scope["method"] == "POST" else b""
         try:
             return endpoint.handler(Call(scope["path_params"], raw))
@@ -419,7 +421,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     add("--failure-rate", type=float, default=d.failure_rate, help="share of tasks that fail")
     add("--image-ttl-s", type=int, default=d.image_ttl_s, help="image URL lifetime after finish")
     add("--latency-ms", type=float, default=d.latency_ms, help="latency added to /mj requests")
-    add("--error-rate", type=float, default=d.error_rate, help="share of requests answered 500")
+    add("--error-rate", type=float, default=d.error_rate, help="share of requests failing")
+    add("--error-status", type=int, default=d.error_status, help="their status (default 500)")
     add("--timeout-rate", type=float, default=d.timeout_rate, help="share of requests that hang")
     add("--hang-s", type=float, default=d.hang_s, help="how long a hanging request hangs")
     add("--queue-full-rate", type=float, default=d.queue_full_rate, help="share of queue-full")

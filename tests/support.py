@@ -123,7 +123,13 @@ class SimProcess:
         self.control(
             "POST",
             "faults",
-            {"latency_ms": 0, "error_rate": 0, "timeout_rate": 0, "queue_full_rate": 0},
+            {
+                "latency_ms": 0,
+                "error_rate": 0,
+                "error_status": 500,
+                "timeout_rate": 0,
+                "queue_full_rate": 0,
+            },
         )
 
     def faults(self, **values: Any) -> None:

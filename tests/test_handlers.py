@@ -293,6 +293,19 @@ def test_queue_full_fails_over_to_the_next_upstream(sims: list[SimProcess], full
     assert count(refusing, FETCH) == 0  # the owner is the upstream that took it
 
 
+@pytest.mark.parametrize("status", [503, 429])
+def test_busy_http_status_fails_over_to_the_next_upstream(
+    sims: list[SimProcess], status: int
+) -> None:
+    refusing, taking = sims[0], sims[1]
+    refusing.faults(error_rate=1, error_status=status)
+    upstreams = [refusing.upstream_config(weight=FIRST), taking.upstream_config(weight=1)]
+    with running_gateway(config_for(upstreams)) as gw, client(gw) as http:
+        task_id = accepted(http.post("/mj/submit/imagine", json={"prompt": "busy"}))
+    assert submits(refusing) == 1 and submits(taking) == 1
+    assert control(taking, "GET", f"tasks/{task_id}")["prompt"] == "busy"
+
+
 def test_dead_upstream_fails_over_to_the_next(sims: list[SimProcess]) -> None:
     java = sims[0]
     upstreams = [dead_upstream(weight=FIRST), java.upstream_config(weight=1)]
