@@ -16,6 +16,7 @@ demo: $(BIN)/mjgate
 
 system-deps:
 	scripts/system-deps redis-server
+	scripts/install-prometheus
 
 lint: $(BIN)/mjgate
 	$(BIN)/ruff check .

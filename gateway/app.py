@@ -80,7 +80,6 @@ def create_app(config: Config) -> Starlette:
             GatewayError: _gateway_error,
             UpstreamFailures: _upstream_failures,
             HTTPException: _http_exception,
-            Exception: _unexpected,
         },
         lifespan=lifespan,
     )
@@ -89,12 +88,12 @@ def create_app(config: Config) -> Starlette:
 
 def _metrics_endpoint(token: str) -> Callable[[Request], Awaitable[Response]]:
     """``/metrics``, behind ``Authorization: Bearer <token>`` when a token is configured."""
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     async def metrics(request: Request) -> Response:
         if token:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected):
                 request_id = request_info(request.scope).request_id
                 return error_response(401, "metrics need the configured bearer token", request_id)
         body, content_type = exposition()
@@ -127,12 +126,6 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     else:
         description = str(exc.detail)
     return error_response(exc.status_code, description, request_info(request.scope).request_id)
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unhandled_error", exc_info=exc)
-    request_id = request.scope.get("mjgate.request") and request_info(request.scope).request_id
-    return error_response(500, "internal gateway error", request_id or "-")
 
 
 def secrets_of(config: Config) -> list[str]:

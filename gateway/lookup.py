@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+# Fan-out calls time out at the deadline on their own; the fan-out waits this much longer.
+FANOUT_GRACE_S = 0.25
 Found = tuple[UpstreamResponse, dict[str, Any]]  # an upstream's answer and the task in it
 
 
@@ -89,6 +91,7 @@ async def call(
     method: str,
     path: str,
     body: bytes | None = None,
+    timeout_s: float | None = None,
 ) -> UpstreamResponse:
     """One upstream request, noted in the request's log facts.
 
@@ -97,7 +100,7 @@ async def call(
     """
     info.upstreams.append(upstream.name)
     response = await upstream.request(
-        method, path, route=route, request_id=info.request_id, body=body
+        method, path, route=route, request_id=info.request_id, body=body, timeout_s=timeout_s
     )
     info.upstream_ms += response.elapsed_s * 1000
     if response.status in (401, 403):
@@ -197,7 +200,12 @@ class TaskLookup:
         return next((u for u in allowed if u.name == owner_name), None)
 
     async def _fetch_one(
-        self, upstream: Upstream, mode: str, task_id: str, info: RequestInfo
+        self,
+        upstream: Upstream,
+        mode: str,
+        task_id: str,
+        info: RequestInfo,
+        timeout_s: float | None = None,
     ) -> Found | None:
         """The task from one upstream, None if it has no such task.
 
@@ -205,7 +213,7 @@ class TaskLookup:
         error, say) is that upstream failing, and must not make it the task's owner.
         """
         path = f"{mode}/mj/task/{task_id}/fetch"
-        response = await call(upstream, info, "fetch", "GET", path)
+        response = await call(upstream, info, "fetch", "GET", path, timeout_s=timeout_s)
         if error := failed_answer(response):
             raise UpstreamFailures([error])
         if is_not_found(response.status, response.content):
@@ -222,9 +230,13 @@ class TaskLookup:
         """Ask every upstream at once; the first that has the task wins and becomes its owner."""
         errors: list[UpstreamError] = []
         FANOUT_WIDTH.observe(len(allowed))
-        pending = {asyncio.create_task(self._fetch_one(u, mode, task_id, info)) for u in allowed}
+        deadline_s = self.fanout.deadline_s
+        pending = {
+            asyncio.create_task(self._fetch_one(u, mode, task_id, info, deadline_s))
+            for u in allowed
+        }
         try:
-            for next_done in asyncio.as_completed(pending, timeout=self.fanout.deadline_s):
+            for next_done in asyncio.as_completed(pending, timeout=deadline_s + FANOUT_GRACE_S):
                 try:
                     found = await next_done
                 except UpstreamFailures as exc:
@@ -343,7 +355,8 @@ class TaskLookup:
     ) -> list[dict[str, Any]]:
         path = f"{mode}{upstream.config.list_by_ids_path}"
         body = orjson.dumps({"ids": ids})
-        response = await call(upstream, info, "list_by_ids", "POST", path, body)
+        deadline_s = self.fanout.deadline_s
+        response = await call(upstream, info, "list_by_ids", "POST", path, body, deadline_s)
         if error := failed_answer(response):
             raise error
         if is_not_found(response.status, response.content):
@@ -359,11 +372,12 @@ async def gather_within(
     deadline_s: float, calls: Sequence[tuple[Upstream, Coroutine[Any, Any, T]]]
 ) -> list[T | UpstreamError]:
     """Run one call per upstream concurrently; a call that fails or misses the deadline
-    becomes its UpstreamError."""
+    becomes its UpstreamError. The calls are expected to time out by themselves at the
+    deadline (so that the upstream's circuit hears of it); this wait is the safety net."""
     jobs = [asyncio.create_task(coroutine) for _, coroutine in calls]
     if not jobs:
         return []
-    _, late = await asyncio.wait(jobs, timeout=deadline_s)
+    _, late = await asyncio.wait(jobs, timeout=deadline_s + FANOUT_GRACE_S)
     for job in late:
         job.cancel()
     outcomes: list[T | UpstreamError] = []

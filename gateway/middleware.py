@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import error_response
 from gateway.metrics import INFLIGHT, observe_request
 
 __all__ = ["RequestContextMiddleware", "RequestInfo", "request_info"]
@@ -18,6 +19,7 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _SCOPE_KEY = "mjgate.request"
 
 access_log = structlog.get_logger("mjgate.access")
+error_log = structlog.get_logger("mjgate.errors")
 
 
 @dataclass(slots=True)
@@ -56,11 +58,13 @@ class RequestContextMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
+        started_response = False
         raw_id = request_id.encode()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 status = message["status"]
                 headers = [*message.get("headers", ()), (b"x-request-id", raw_id)]
                 headers.append((b"x-cache", info.cache.encode()))
@@ -69,12 +73,23 @@ class RequestContextMiddleware:
                 message["headers"] = headers
             await send(message)
 
+        async def app_or_500() -> None:
+            # The last net for a bug: one JSON 500 with the request id, one logged traceback
+            # (redacted like every line), and nothing for the server to print raw to stderr.
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                error_log.exception("unhandled_error")
+                if not started_response:
+                    response = error_response(500, "internal gateway error", request_id)
+                    await response(scope, receive, send_with_id)
+
         if scope["path"] in self.quiet_paths:
-            await self.app(scope, receive, send_with_id)
+            await app_or_500()
             return
         INFLIGHT.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            await app_or_500()
         finally:
             INFLIGHT.dec()
             elapsed = time.perf_counter() - started

@@ -199,7 +199,8 @@ class TaskSearch:
     async def _query_one(
         self, mode: str, upstream: Upstream, body: bytes, info: RequestInfo
     ) -> tuple[list[dict[str, Any]], int]:
-        response = await call(upstream, info, "query", "POST", f"{mode}/mj/task/query", body)
+        path = f"{mode}/mj/task/query"
+        response = await call(upstream, info, "query", "POST", path, body, self.deadline_s)
         if error := failed_answer(response):
             raise error
         try:
@@ -232,7 +233,8 @@ class TaskSearch:
     async def _recent_one(
         self, mode: str, kind: str, upstream: Upstream, info: RequestInfo
     ) -> tuple[list[dict[str, Any]], int]:
-        response = await call(upstream, info, kind, "GET", f"{mode}/mj/task/{kind}")
+        path = f"{mode}/mj/task/{kind}"
+        response = await call(upstream, info, kind, "GET", path, timeout_s=self.deadline_s)
         if error := failed_answer(response):
             raise error
         rows = parse_task_list(response.content)

@@ -93,8 +93,15 @@ class CallerLimiter:
             log.info("rate_limit_store_back")
         if grant.granted == 0:
             return self._refusal(bucket, grant)
-        self._leases[key] = _Lease(grant.granted - 1, grant.tokens_left, now + LEASE_TTL_S)
-        return self._decision(True, bucket, grant.tokens_left + grant.granted - 1)
+        spare = grant.granted - 1
+        live = self._leases.get(key)
+        if live is not None and live.expires_at > now:
+            # A concurrent request got a lease during our await: pool the tokens, lose none.
+            live.tokens += spare
+            live.shared_left = grant.tokens_left
+        else:
+            self._leases[key] = _Lease(spare, grant.tokens_left, now + LEASE_TTL_S)
+        return self._decision(True, bucket, grant.tokens_left + spare)
 
     def _decision(self, allowed: bool, bucket: Bucket, left: float) -> Decision:
         reset = math.ceil(max(0.0, bucket.burst - left) / bucket.rps)

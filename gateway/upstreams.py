@@ -171,7 +171,8 @@ class Upstream:
             headers.append(("content-type", "application/json"))
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(timeout_s or self.config.timeout_s):
+            limit = min(timeout_s, self.config.timeout_s) if timeout_s else self.config.timeout_s
+            async with asyncio.timeout(limit):
                 response = await self._client.request(method, path, content=body, headers=headers)
         except (httpx.HTTPError, TimeoutError) as exc:
             kind, sent = _classify(exc)

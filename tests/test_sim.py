@@ -568,6 +568,7 @@ def test_faults_change_at_run_time() -> None:
     assert set(changed) == {
         "latency_ms",
         "error_rate",
+        "error_status",
         "timeout_rate",
         "hang_s",
         "queue_full_rate",

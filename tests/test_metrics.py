@@ -1,0 +1,198 @@
+"""gateway/metrics.py: every metric's name, type, labels and buckets; pre-bound children;
+bounded label sets; the text exposition in single- and multiprocess mode."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import metrics
+from tests.support import SimProcess, caller, make_config, running_gateway
+
+# name (as the family is called in a scrape), type, label names: DESIGN.md section 5.
+EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mjgate_requests": ("counter", ("route", "method", "status", "cache")),
+    "mjgate_request_duration_seconds": ("histogram", ("route",)),
+    "mjgate_inflight_requests": ("gauge", ()),
+    "mjgate_upstream_requests": ("counter", ("upstream", "route", "outcome")),
+    "mjgate_upstream_request_duration_seconds": ("histogram", ("upstream", "route")),
+    "mjgate_cache_lookups": ("counter", ("tier", "result")),
+    "mjgate_coalesced_lookups": ("counter", ()),
+    "mjgate_fanout_width": ("histogram", ()),
+    "mjgate_partial_answers": ("counter", ("upstream",)),
+    "mjgate_rate_limited": ("counter", ("client",)),
+    "mjgate_store_errors": ("counter", ("operation",)),
+    "mjgate_circuit_state": ("gauge", ("upstream",)),
+    "mjgate_submits": ("counter", ("upstream", "code")),
+    "mjgate_tasks_finished": ("counter", ("upstream", "status")),
+    "mjgate_task_duration_seconds": ("histogram", ("upstream",)),
+}
+LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5]
+LATENCY_BUCKETS += [1, 2.5, 5, 10, 30]
+TEMPLATE = re.compile(r"(/([a-z][a-z-]*|\{[a-z_]+\}))+")
+CLASS = re.compile(r"[a-z_]+")
+
+
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def single_process_scrape() -> str:
+    body, content_type = metrics.exposition()
+    assert content_type.startswith("text/plain;")
+    return body.decode()
+
+
+def test_every_metric_has_its_type_labels_and_help() -> None:
+    ours = {
+        collector._name: collector
+        for collector in REGISTRY._collector_to_names
+        if isinstance(collector, MetricWrapperBase) and collector._name.startswith("mjgate_")
+    }
+    assert set(ours) == set(EXPECTED)
+    scraped = families(single_process_scrape())
+    for name, (kind, labels) in EXPECTED.items():
+        collector = ours[name]
+        assert collector._type == kind, name
+        assert collector._labelnames == labels, name
+        assert scraped[name].type == kind
+        assert scraped[name].documentation, f"{name} has no help text"
+
+
+def test_request_duration_has_sub_millisecond_buckets() -> None:
+    for histogram in (metrics.REQUEST_DURATION, metrics.UPSTREAM_DURATION):
+        assert histogram._upper_bounds == [*LATENCY_BUCKETS, float("inf")]
+    route = f"/test/{uuid.uuid4().hex}"
+    metrics.observe_request(route, "GET", 200, "HIT", 0.0004)
+    buckets = {
+        sample.labels["le"]: sample.value
+        for sample in families(single_process_scrape())["mjgate_request_duration_seconds"].samples
+        if sample.name.endswith("_bucket") and sample.labels["route"] == route
+    }
+    assert list(buckets)[:3] == ["0.0005", "0.001", "0.0025"]
+    assert buckets["0.0005"] == 1  # 0.4 ms lands in the first bucket
+    assert buckets["+Inf"] == 1
+
+
+def test_task_duration_buckets_reach_an_hour() -> None:
+    bounds = metrics.TASK_DURATION._upper_bounds
+    assert bounds[0] <= 5 and bounds[-2] == 3600 and bounds[-1] == float("inf")
+    assert bounds == sorted(bounds)
+
+
+def test_observe_request_reuses_its_prebound_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    route = f"/test/{uuid.uuid4().hex}"
+    calls: list[tuple[str, ...]] = []
+    real_labels = metrics.REQUESTS.labels
+
+    def counting_labels(*values: str) -> Any:
+        calls.append(values)
+        return real_labels(*values)
+
+    monkeypatch.setattr(metrics.REQUESTS, "labels", counting_labels)
+    metrics.observe_request(route, "GET", 200, "MISS", 0.002)
+    metrics.observe_request(route, "GET", 200, "MISS", 0.003)
+    assert calls == [(route, "GET", "200", "MISS")]  # bound once, then one dict get
+    child = metrics._request_children[(route, "GET", 200, "MISS")]
+    assert child is real_labels(route, "GET", "200", "MISS")
+    assert metrics._duration_children[route] is metrics.REQUEST_DURATION.labels(route)
+
+    scraped = families(single_process_scrape())
+    series = [s for s in scraped["mjgate_requests"].samples if s.labels.get("route") == route]
+    totals = [s for s in series if s.name == "mjgate_requests_total"]
+    assert len(totals) == 1  # one series, incremented twice
+    assert totals[0].value == 2
+    assert totals[0].labels == {"route": route, "method": "GET", "status": "200", "cache": "MISS"}
+    counts = [
+        s
+        for s in scraped["mjgate_request_duration_seconds"].samples
+        if s.name.endswith("_count") and s.labels["route"] == route
+    ]
+    assert [c.value for c in counts] == [2]
+
+    metrics.observe_request(route, "GET", 404, "MISS", 0.001)  # a new label set binds anew
+    assert calls[-1] == (route, "GET", "404", "MISS") and len(calls) == 2
+
+
+def test_cache_lookup_children_are_bound_at_import() -> None:
+    assert metrics.L1_HIT is metrics.CACHE_LOOKUPS.labels("l1", "hit")
+    assert metrics.L1_MISS is metrics.CACHE_LOOKUPS.labels("l1", "miss")
+    assert metrics.STORE_HIT is metrics.CACHE_LOOKUPS.labels("store", "hit")
+    assert metrics.STORE_MISS is metrics.CACHE_LOOKUPS.labels("store", "miss")
+
+
+def test_multiprocess_modes_of_the_gauges() -> None:
+    assert metrics.INFLIGHT._multiprocess_mode == "livesum"
+    assert metrics.CIRCUIT_STATE._multiprocess_mode == "livemax"
+    assert metrics.CIRCUIT_VALUES == {"closed": 0, "half_open": 1, "open": 2}
+    assert "0 closed, 1 half-open, 2 open" in metrics.CIRCUIT_STATE._documentation
+
+
+def test_exposition_reads_the_multiprocess_directory_when_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics.observe_request(f"/test/{uuid.uuid4().hex}", "GET", 200, "HIT", 0.001)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    body, content_type = metrics.exposition()
+    # This process's values live in its memory, not in the (empty) directory.
+    assert body == b""
+    assert content_type.startswith("text/plain")
+
+
+def test_labels_stay_bounded_whatever_ids_are_asked_for(sims: list[SimProcess]) -> None:
+    """Many distinct task ids, in paths and bodies: no id becomes a label value, and the
+    number of series does not grow with them."""
+    ids = [f"17{uuid.uuid4().int % 10**14:014d}" for _ in range(25)]
+    for task_id in ids[:3]:
+        sims[0].seed(id=task_id, prompt="bounded labels")
+    with (
+        running_gateway(make_config(sims)) as gateway,
+        httpx.Client(base_url=gateway.url, headers=caller("alice"), timeout=10) as http,
+    ):
+        warm = [
+            http.get(f"/mj/task/{ids[0]}/fetch"),
+            http.get("/mj/task/1700000000000000/fetch"),
+            http.post("/mj/task/list-by-condition", json={"ids": ids[:2]}),
+            http.get(f"/mj/task/{ids[0]}/image-seed"),
+            http.get("/no/such/route/0"),
+        ]
+        assert [r.status_code for r in warm][:2] == [200, 404]
+        before = single_process_scrape()
+        for task_id in ids[1:]:
+            http.get(f"/mj/task/{task_id}/fetch")
+            http.get(f"/mj/task/{task_id}/image-seed")
+            http.post("/mj/task/list-by-condition", json={"ids": [task_id, ids[0]]})
+            http.get(f"/no/such/route/{task_id}")
+            http.get(f"/mj/task/{task_id}/fetch", headers={"X-Request-Id": f"id-{task_id}"})
+        after = httpx.get(f"{gateway.url}/metrics").text
+    for task_id in ids:
+        assert task_id not in after
+
+    def series(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())))
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name.startswith("mjgate_")
+        }
+
+    new = series(after) - series(before)
+    # 24 more ids asked for in four ways gave only a few new series (new status/cache pairs).
+    assert len(new) < 40, new
+    routes = {
+        s.labels["route"]
+        for f in text_string_to_metric_families(after)
+        for s in f.samples
+        if "route" in s.labels and not s.labels["route"].startswith("/test/")  # this file's
+    }
+    assert "/mj/task/{task_id}/fetch" in routes and "fetch" in routes
+    for route in routes:  # a template, a route class or "unmatched"; never a raw path
+        assert TEMPLATE.fullmatch(route) or CLASS.fullmatch(route), route
