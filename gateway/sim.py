@@ -28,17 +28,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from .simtasks import (
-    FAIL_REASONS,
-    Art,
-    BadRequest,
-    Call,
-    Handler,
-    Json,
-    Reply,
-    TaskRoutes,
-    seeded_task,
-)
+from gateway.simroutes import BadRequest, Call, Handler, TaskRoutes
+from gateway.simtasks import FAIL_REASONS, Art, Json, Reply, seeded_task
 
 __all__ = ["SimSettings", "add_sim_arguments", "create_sim_app", "run_sim", "settings_from_args"]
 
