@@ -129,7 +129,13 @@ def fresh(sims: list[SimProcess]) -> list[SimProcess]:
     """What ``SimProcess.reset`` does (tasks, counters, faults), on the shared client."""
     for sim in sims:
         control(sim, "POST", "reset", {"tasks": True})
-        faults = {"latency_ms": 0, "error_rate": 0, "timeout_rate": 0, "queue_full_rate": 0}
+        faults = {
+            "latency_ms": 0,
+            "error_rate": 0,
+            "error_status": 500,
+            "timeout_rate": 0,
+            "queue_full_rate": 0,
+        }
         control(sim, "POST", "faults", faults)
     return sims
 
