@@ -1,0 +1,312 @@
+"""Cached terminal fetch: mjgate vs the Python ceiling vs the native ceiling.
+
+One run, one machine, same wrk settings for every target:
+
+- ``mjgate``: ``python -m gateway serve`` configured like production (Redis, a real client
+  key with a rate limit, metrics on, JSON access log at ``info`` written to a file), the task
+  warmed so every request is an L1 hit;
+- ``mjgate-quiet``: the same with ``logging.level: warning``, so no access line is written:
+  the difference is what the log line costs;
+- ``bare``: one Starlette route returning the same bytes from memory, same uvicorn settings;
+- ``nginx``: nginx ``proxy_cache`` (one worker) in front of the same sim, warmed.
+
+Target (issue 3): mjgate >= 0.5x the bare route.
+Needs: wrk, nginx, redis-server on PATH (apt-get install -y wrk nginx redis-server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.common import (
+    CLIENT_KEY,
+    SERVER_CORE,
+    BenchError,
+    CpuMeter,
+    Processes,
+    QuietWait,
+    RedisCounter,
+    Sim,
+    Verdict,
+    WrkResult,
+    caller_headers,
+    free_port,
+    gateway_config,
+    install_signal_handlers,
+    machine_note,
+    need,
+    pin_self_to_load_core,
+    print_table,
+    print_verdicts,
+    run_wrk,
+    start_gateway,
+    start_redis,
+    start_sim,
+    wait_http,
+)
+
+__all__ = ["main", "run"]
+
+NAME = "cache"
+TARGET_VS_BARE = 0.5
+TASK_ID = "1715000000000777"
+TEMPLATE = Path(__file__).with_name("nginx.conf.template")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    what: str
+
+
+def start_baseline(procs: Processes, body: bytes) -> str:
+    """The bare Starlette route (bench/baseline_app.py) on the server core."""
+    body_file = procs.workdir / "body.json"
+    body_file.write_bytes(body)
+    port = free_port()
+    args = [sys.executable, "-m", "bench.baseline_app", "--port", str(port)]
+    args += ["--body-file", str(body_file)]
+    log = procs.workdir / "baseline.log"
+    proc = procs.start("bare starlette", args, core=SERVER_CORE, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/mj/task/{TASK_ID}/fetch"
+    wait_http(url, proc, "bare starlette app", log=log)
+    return url
+
+
+def start_nginx(procs: Processes, sim: Sim) -> str:
+    """nginx in the foreground, one worker, proxy_cache keyed on the URI, from a generated
+    config in a temporary directory."""
+    binary = need("nginx")["nginx"]
+    directory = procs.workdir / "nginx"
+    directory.mkdir()
+    port = free_port()
+    text = TEMPLATE.read_text()
+    # As root the worker would switch to "nobody" and lose access to the temporary directory.
+    user = "user root;" if os.geteuid() == 0 else ""
+    for placeholder, value in {
+        "@USER@": user,
+        "@DIR@": str(directory),
+        "@PORT@": str(port),
+        "@SIM_PORT@": str(sim.port),
+        "@CLIENT_KEY@": CLIENT_KEY,
+        "@UPSTREAM_KEY@": sim.key,
+    }.items():
+        text = text.replace(placeholder, value)
+    config = directory / "nginx.conf"
+    config.write_text(text)
+    log = directory / "error.log"
+    args = [binary, "-p", str(directory), "-c", str(config), "-e", str(log)]
+    proc = procs.start("nginx", args, core=SERVER_CORE, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/mj/task/{TASK_ID}/fetch"
+    wait_http(url, proc, "nginx", log=log, headers=caller_headers())
+    return url
+
+
+def warm(target: Target, expected: bytes, cache_header: str | None) -> str:
+    """Fetch twice; check the bytes and that the second answer came from cache."""
+    headers = caller_headers()
+    with httpx.Client(headers=headers, timeout=10) as client:
+        client.get(target.url)
+        response = client.get(target.url)
+    if response.status_code != 200 or response.content != expected:
+        raise BenchError(
+            f"{target.name} answered {response.status_code} with other bytes than the sim's "
+            f"({len(response.content)} vs {len(expected)} bytes)"
+        )
+    if cache_header is None:
+        return "-"
+    state = response.headers.get(cache_header, "?")
+    tier = response.headers.get("x-cache-tier")
+    if state != "HIT":
+        raise BenchError(f"{target.name}: second fetch was not a cache hit ({state})")
+    return f"{state}/{tier}" if tier else state
+
+
+def run(args: argparse.Namespace) -> list[Verdict]:
+    need("wrk", "nginx", "redis-server")
+    print(f"== cached terminal fetch: GET /mj/task/{{id}}/fetch ({NAME})")
+    print(machine_note())
+    with Processes() as procs:
+        redis_url = start_redis(procs)
+        sim = start_sim(procs, "main")
+        sim.seed({"id": TASK_ID, "status": "SUCCESS", "prompt": "a lighthouse at dusk"})
+        direct = httpx.get(f"{sim.url}/mj/task/{TASK_ID}/fetch", headers=sim.auth_headers)
+        body = direct.content
+        if direct.status_code != 200 or not body:
+            raise BenchError(f"the sim did not serve the seeded task ({direct.status_code})")
+
+        loud = start_gateway(procs, "mjgate", gateway_config([sim], redis_url))
+        quiet = start_gateway(
+            procs, "mjgate-quiet", gateway_config([sim], redis_url, log_level="warning")
+        )
+        path = f"/mj/task/{TASK_ID}/fetch"
+        targets = [
+            Target("bare", start_baseline(procs, body), "Starlette route, bytes in memory"),
+            Target("mjgate", loud.url + path, "L1 hit, JSON log line to a file"),
+            Target("mjgate-quiet", quiet.url + path, "L1 hit, logging.level warning"),
+            Target("nginx", start_nginx(procs, sim), "proxy_cache, 1 worker"),
+        ]
+        served = {
+            "bare": warm(targets[0], body, None),
+            "mjgate": warm(targets[1], body, "x-cache"),
+            "mjgate-quiet": warm(targets[2], body, "x-cache"),
+            "nginx": warm(targets[3], body, "x-cache"),
+        }
+        print(f"task body: {len(body)} bytes; {loud.metrics_state()}")
+        print(f"gateway log: stdout of the gateway process to a file ({loud.log.name})")
+        print(
+            f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency "
+            f"(after a {args.warmup:g} s warm-up run), {args.rounds} round(s), best round kept"
+        )
+        upstream_before = sim.fetch_calls()
+        lines_before = {"mjgate": loud.log_lines(), "mjgate-quiet": quiet.log_lines()}
+        requests = {"mjgate": 0, "mjgate-quiet": 0}
+        store_calls: dict[str, Counter[str]] = {"mjgate": Counter(), "mjgate-quiet": Counter()}
+        redis_stats = RedisCounter(redis_url)
+        results: dict[str, list[WrkResult]] = {t.name: [] for t in targets}
+        calm = QuietWait(args.quiet_wait)
+        meter = CpuMeter()
+        for round_index in range(args.rounds):
+            for target in targets if round_index % 2 == 0 else targets[::-1]:
+                calm.wait()
+                redis_stats.reset()
+                runs = [args.warmup, args.duration] if args.warmup > 0 else [args.duration]
+                for duration in runs:
+                    result = run_wrk(
+                        target.url,
+                        headers=caller_headers(),
+                        duration_s=duration,
+                        connections=args.connections,
+                        threads=args.threads,
+                    )
+                    if target.name in requests:
+                        requests[target.name] += result.requests
+                results[target.name].append(result)
+                if target.name in store_calls:
+                    store_calls[target.name].update(redis_stats.calls())
+                if args.verbose:
+                    print(f"--- {target.name}, round {round_index + 1}\n{result.output}")
+        cpu = meter.summary()
+        verdicts = report(targets, results, served)
+        print(cpu)
+        print(
+            f"upstream fetches while the targets were under load: "
+            f"{sim.fetch_calls() - upstream_before}"
+        )
+        lines = {"mjgate": loud.log_lines(), "mjgate-quiet": quiet.log_lines()}
+        written = {name: lines[name] - lines_before[name] for name in lines}
+        redis_stats.close()
+        for name, calls in store_calls.items():
+            total = max(requests[name], 1)
+            detail = ", ".join(f"{c} {n / total:.3f}" for c, n in calls.most_common()) or "none"
+            print(f"redis-server commands per request under load, {name}: {detail}")
+        print("  (a Lua script's own commands are counted too; each EVALSHA is one round trip)")
+        per_line = loud.log.stat().st_size / max(lines["mjgate"], 1)
+        print(
+            f"access log lines written under load: mjgate ~{written['mjgate']:,} for "
+            f"{requests['mjgate']:,} requests ({per_line:.0f} bytes/line); "
+            f"mjgate-quiet ~{written['mjgate-quiet']:,} for {requests['mjgate-quiet']:,} requests"
+        )
+        return verdicts
+
+
+def report(
+    targets: Sequence[Target],
+    results: dict[str, list[WrkResult]],
+    served: dict[str, str],
+) -> list[Verdict]:
+    best = {name: max(runs, key=lambda r: r.rps) for name, runs in results.items()}
+    bare, nginx = best["bare"].rps, best["nginx"].rps
+    rows = []
+    for target in targets:
+        result = best[target.name]
+        rounds = " / ".join(f"{r.rps:,.0f}" for r in results[target.name])
+        errors = sum(r.bad_responses for r in results[target.name])
+        rows.append(
+            [
+                target.name,
+                f"{result.rps:,.0f}",
+                f"{result.p50_ms:.2f}",
+                f"{result.p99_ms:.2f}",
+                f"{result.rps / bare:.2f}",
+                f"{result.rps / nginx:.2f}",
+                str(errors),
+                served[target.name],
+                rounds,
+            ]
+        )
+    print()
+    print_table(
+        ["target", "req/s", "p50 ms", "p99 ms", "x bare", "x nginx", "errors", "cache", "rounds"],
+        rows,
+    )
+    for target in targets:
+        print(f"  {target.name}: {target.what}")
+    gateway, quiet = best["mjgate"], best["mjgate-quiet"]
+    ratio = gateway.rps / bare
+    print()
+    print(
+        f"mjgate / bare  = {ratio:.2f}  (target >= {TARGET_VS_BARE})\n"
+        f"mjgate / nginx = {gateway.rps / nginx:.2f}\n"
+        f"logging cost: the access line takes mjgate from {quiet.rps:,.0f} to "
+        f"{gateway.rps:,.0f} req/s ({(1 - gateway.rps / quiet.rps) * 100:.0f}% of throughput, "
+        f"{(1e6 / gateway.rps - 1e6 / quiet.rps):.0f} us of CPU per request)"
+    )
+    errors = sum(r.bad_responses for r in results["mjgate"])
+    passed = ratio >= TARGET_VS_BARE and errors == 0
+    measured = f"{ratio:.2f}x ({gateway.rps:,.0f} vs {bare:,.0f} req/s)"
+    if errors:
+        measured += f", {errors} failed requests"
+    return [Verdict(NAME, f"mjgate >= {TARGET_VS_BARE}x bare route", measured, passed)]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench cache",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per measured wrk run")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk warm-up per run")
+    p.add_argument("--connections", type=int, default=64, help="wrk connections")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over all targets; best kept")
+    p.add_argument("--verbose", action="store_true", help="print every wrk output")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=15.0,
+        help="seconds, in all, to wait for other processes to leave the cores idle before "
+        "measuring (0: do not wait; default: 15)",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    install_signal_handlers()
+    pin_self_to_load_core()
+    try:
+        verdicts = run(args)
+    except BenchError as exc:
+        print(f"bench {NAME}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bench {NAME}: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    print()
+    print_verdicts(verdicts)
+    return 0 if all(v.passed for v in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,670 @@
+"""What the benchmarks share: processes that always get stopped, pinning, the sim, the
+gateway, redis-server, wrk, and the printed tables and verdicts.
+
+Every process a benchmark starts goes through ``Processes``: it runs in its own session (a
+Ctrl-C reaches only the benchmark, which then stops its children in order), is pinned to a
+core, and gets ``PR_SET_PDEATHSIG`` so it dies with the benchmark even if the benchmark is
+killed with SIGKILL. Servers run on the first core, load generators on the second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Any
+
+import httpx
+import yaml
+
+__all__ = [
+    "CLIENT_KEY",
+    "LOAD_CORE",
+    "REPO",
+    "SERVER_CORE",
+    "UPSTREAM_KEY",
+    "BenchError",
+    "CpuMeter",
+    "Gateway",
+    "Processes",
+    "QuietWait",
+    "RedisCounter",
+    "Sim",
+    "Verdict",
+    "WrkResult",
+    "caller_headers",
+    "free_port",
+    "gateway_config",
+    "install_signal_handlers",
+    "machine_note",
+    "median",
+    "need",
+    "percentile",
+    "pin_self_to_load_core",
+    "pinned_child",
+    "print_table",
+    "print_verdicts",
+    "run_wrk",
+    "start_gateway",
+    "start_redis",
+    "start_sim",
+    "wait_http",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+CLIENT_KEY = "bench-client-key-6f1c2a9e4b7d"
+UPSTREAM_KEY = "bench-upstream-key-3d8e5f0a1c"
+
+_CORES = sorted(os.sched_getaffinity(0))
+SERVER_CORE: int | None = _CORES[0] if len(_CORES) >= 2 else None
+LOAD_CORE: int | None = _CORES[1] if len(_CORES) >= 2 else None
+
+# Debian packages that provide the binaries the benchmarks need.
+APT_PACKAGES = {"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server"}
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+class BenchError(Exception):
+    """The benchmark could not run: a binary is missing or a process would not start."""
+
+
+def need(*binaries: str) -> dict[str, str]:
+    """Paths of the binaries a benchmark needs; BenchError naming every missing one."""
+    found = {name: shutil.which(name) for name in binaries}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        packages = " ".join(APT_PACKAGES.get(name, name) for name in missing)
+        raise BenchError(
+            f"missing binaries: {', '.join(missing)}; install them with: "
+            f"apt-get install -y {packages}"
+        )
+    return {name: path for name, path in found.items() if path is not None}
+
+
+def install_signal_handlers() -> None:
+    """SIGINT, SIGTERM and SIGHUP unwind as KeyboardInterrupt, so every ``finally`` stops
+    its processes (SIGINT too: a shell starts background jobs with SIGINT ignored)."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+
+def pin_self_to_load_core() -> None:
+    """The benchmark process itself (its asyncio load generators) runs on the load core."""
+    if LOAD_CORE is not None:
+        os.sched_setaffinity(0, {LOAD_CORE})
+
+
+def pinned_child(core: int | None) -> Callable[[], None]:
+    def setup() -> None:
+        # What `taskset -c CORE` does, without depending on the binary.
+        if core is not None:
+            os.sched_setaffinity(0, {core})
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return setup
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Processes:
+    """Starts child processes and stops all of them, newest first, on exit (error or not)."""
+
+    def __init__(self) -> None:
+        self._children: list[tuple[str, subprocess.Popen[bytes], list[IO[bytes]]]] = []
+        self.workdir = Path(tempfile.mkdtemp(prefix="mjgate-bench-"))
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop_all()
+
+    def start(
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        core: int | None,
+        stdout: Path | None = None,
+        stderr: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Run ``args`` pinned to ``core``; stdout/stderr to files or discarded."""
+        files: list[IO[bytes]] = []
+
+        def sink(path: Path | None) -> IO[bytes] | int:
+            if path is None:
+                return subprocess.DEVNULL
+            handle = path.open("wb")
+            files.append(handle)
+            return handle
+
+        proc = subprocess.Popen(
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=sink(stdout),
+            stderr=sink(stderr),
+            cwd=REPO,
+            start_new_session=True,
+            preexec_fn=pinned_child(core),
+        )
+        self._children.append((name, proc, files))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        for entry in list(self._children):
+            if entry[1] is proc:
+                self._stop(entry)
+                self._children.remove(entry)
+
+    def stop_all(self) -> None:
+        while self._children:
+            self._stop(self._children.pop())
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @staticmethod
+    def _stop(entry: tuple[str, subprocess.Popen[bytes], list[IO[bytes]]]) -> None:
+        _, proc, files = entry
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        for handle in files:
+            handle.close()
+
+
+def wait_http(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    what: str,
+    *,
+    timeout_s: float = 15.0,
+    log: Path | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Poll ``url`` until it answers 200; BenchError (with the log's tail) if the process
+    exits or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with code {proc.returncode}{_tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, headers=headers, timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"{what} did not answer {url} within {timeout_s:.0f} s{_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    if log is None or not log.exists():
+        return ""
+    lines = log.read_text(errors="replace").splitlines()[-15:]
+    return "\n  " + "\n  ".join(lines) if lines else ""
+
+
+# -- redis-server ----------------------------------------------------------------------------
+
+
+def start_redis(procs: Processes) -> str:
+    """A throwaway redis-server on the server core, no persistence; returns its URL."""
+    binary = need("redis-server")["redis-server"]
+    port = free_port()
+    directory = procs.workdir / "redis"
+    directory.mkdir()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    args += ["no", "--dir", str(directory), "--protected-mode", "no"]
+    log = procs.workdir / "redis.log"
+    proc = procs.start("redis-server", args, core=SERVER_CORE, stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"redis-server exited with code {proc.returncode}{_tail(log)}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            if sock.recv(16).startswith(b"+PONG"):
+                return f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    raise BenchError(f"redis-server did not answer on port {port}{_tail(log)}")
+
+
+class RedisCounter:
+    """Commands redis-server executed (``INFO commandstats``), to count store round trips."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(url)
+
+    def reset(self) -> None:
+        self._client.config_resetstat()
+
+    def calls(self) -> dict[str, int]:
+        stats = self._client.info("commandstats")
+        return {
+            name.removeprefix("cmdstat_"): int(values["calls"])
+            for name, values in stats.items()
+            if not name.startswith(("cmdstat_config", "cmdstat_info"))
+        }
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# -- mjgate sim ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sim:
+    """A running ``mjgate sim`` (java flavor: ``mj-api-secret`` auth, both list paths)."""
+
+    name: str
+    port: int
+    key: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"mj-api-secret": self.key}
+
+    def control(self, method: str, path: str, body: Any = None) -> Any:
+        response = httpx.request(method, f"{self.url}/_sim/{path}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def seed(self, task: Mapping[str, Any]) -> bytes:
+        """Add a task; returns the bytes the sim answers a fetch of it with."""
+        response = httpx.post(f"{self.url}/_sim/tasks", json=dict(task), timeout=10)
+        response.raise_for_status()
+        return response.content
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.control("GET", "stats")
+        return result
+
+    def fetch_calls(self) -> int:
+        """``GET /mj/task/{id}/fetch`` requests served so far."""
+        return int(self.stats()["requests"].get("GET /mj/task/{id}/fetch", 0))
+
+    def upstream_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "base_url": self.url,
+            "auth": "mj-api-secret",
+            "key": self.key,
+            "list_by_ids_path": "/mj/task/list-by-condition",
+            "timeout_s": 10,
+        }
+
+
+def start_sim(
+    procs: Processes,
+    name: str,
+    *,
+    latency_ms: float = 0.0,
+    task_seconds: float | None = None,
+    key: str = UPSTREAM_KEY,
+) -> Sim:
+    """``python -m gateway sim`` on the server core."""
+    port = free_port()
+    args = [sys.executable, "-m", "gateway", "sim", "--port", str(port), "--flavor", "java"]
+    args += ["--key", key, "--latency-ms", str(latency_ms), "--seed", "7"]
+    if task_seconds is not None:
+        args += ["--task-seconds", str(task_seconds)]
+    log = procs.workdir / f"sim-{name}.log"
+    proc = procs.start(f"sim {name}", args, core=SERVER_CORE, stdout=log, stderr=log)
+    sim = Sim(name, port, key)
+    wait_http(f"{sim.url}/_sim/health", proc, f"sim {name}", log=log)
+    return sim
+
+
+# -- the gateway -----------------------------------------------------------------------------
+
+
+def caller_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+def gateway_config(
+    sims: Sequence[Sim],
+    redis_url: str,
+    *,
+    log_level: str = "info",
+    cache: Mapping[str, Any] | None = None,
+    fanout: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A production-like config: Redis, one real client key (with a rate limit far above
+    the benchmark's rate, so a limiter is exercised but never refuses), metrics and JSON
+    logs on."""
+    limit = {"rps": 1_000_000, "burst": 1_000_000}
+    return {
+        "server": {"host": "127.0.0.1"},
+        "redis": {"url": redis_url, "key_prefix": f"bench{os.getpid()}"},
+        "upstreams": [sim.upstream_config() for sim in sims],
+        "clients": [{"name": "bench", "key": CLIENT_KEY, "rate_limit": limit}],
+        "rate_limit": {"default": limit},
+        "cache": dict(cache or {}),
+        "fanout": {"deadline_s": 5, **(fanout or {})},
+        "metrics": {"enabled": True, "path": "/metrics"},
+        "logging": {"level": log_level, "format": "json"},
+    }
+
+
+@dataclass(frozen=True)
+class Gateway:
+    name: str
+    port: int
+    log: Path  # the gateway's stdout: its JSON log lines
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_lines(self) -> int:
+        with self.log.open("rb") as handle:
+            return sum(1 for _ in handle)
+
+    def metrics_state(self) -> str:
+        """Whether the gateway serves its metrics (the config turns them on)."""
+        try:
+            response = httpx.get(f"{self.url}/metrics", headers=caller_headers(), timeout=5)
+        except httpx.HTTPError as exc:
+            return f"metrics: /metrics failed ({exc})"
+        if response.status_code == 200:
+            return "metrics: on (GET /metrics answers 200)"
+        return (
+            f"metrics: enabled in the config, but GET /metrics answers {response.status_code} "
+            "(this gateway build does not serve metrics yet)"
+        )
+
+
+def start_gateway(procs: Processes, name: str, config: Mapping[str, Any]) -> Gateway:
+    """``python -m gateway serve --config FILE`` on the server core (one process, uvicorn
+    with uvloop and httptools). Its stdout, the JSON log, goes to a file: writing the log
+    is part of the cost being measured."""
+    port = free_port()
+    config_file = procs.workdir / f"{name}.yaml"
+    config_file.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    log, errors = procs.workdir / f"{name}.log", procs.workdir / f"{name}.err"
+    args = [sys.executable, "-m", "gateway", "serve", "--config", str(config_file)]
+    args += ["--port", str(port)]
+    proc = procs.start(f"gateway {name}", args, core=SERVER_CORE, stdout=log, stderr=errors)
+    wait_http(f"http://127.0.0.1:{port}/readyz", proc, f"gateway {name}", log=errors)
+    return Gateway(name, port, log, proc)
+
+
+# -- wrk -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    bad_responses: int  # non-2xx/3xx answers plus socket errors
+    output: str
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _latency_ms(text: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise BenchError(f"cannot read wrk latency {text!r}")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def run_wrk(
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    duration_s: float,
+    connections: int,
+    threads: int = 1,
+) -> WrkResult:
+    """One wrk run pinned to the load core, with its latency distribution."""
+    binary = need("wrk")["wrk"]
+    args = [binary, f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--latency"]
+    args += ["--timeout", "5s"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    args.append(url)
+    done = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 30,
+        preexec_fn=pinned_child(LOAD_CORE),
+        check=False,
+    )
+    output = done.stdout
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr or output}")
+    try:
+        totals = re.search(r"(\d+) requests in ([0-9.]+)(us|ms|s|m)", output)
+        rps = re.search(r"Requests/sec:\s+([0-9.]+)", output)
+        p50 = re.search(r"^\s+50%\s+(\S+)", output, re.MULTILINE)
+        p99 = re.search(r"^\s+99%\s+(\S+)", output, re.MULTILINE)
+        assert totals and rps and p50 and p99
+    except AssertionError:
+        raise BenchError(f"cannot read wrk output:\n{output}") from None
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    bad_count = int(bad.group(1)) if bad else 0
+    if errors:
+        bad_count += sum(int(n) for n in errors.groups())
+    return WrkResult(
+        requests=int(totals.group(1)),
+        seconds=_latency_ms(totals.group(2) + totals.group(3)) / 1000,
+        rps=float(rps.group(1)),
+        p50_ms=_latency_ms(p50.group(1)),
+        p99_ms=_latency_ms(p99.group(1)),
+        bad_responses=bad_count,
+        output=output,
+    )
+
+
+# -- numbers and printing --------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """Nearest-rank percentile (``share`` in 0..1) of a non-empty sequence."""
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(share * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A plain aligned table: first column left-aligned, the rest right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [
+            str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    print(line(header))
+    print("  ".join("-" * width for width in widths))
+    for row in rows:
+        print(line(row))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target of issue 3 and how this run did against it."""
+
+    bench: str
+    target: str
+    measured: str
+    passed: bool
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'MISS'}  [{self.bench}] {self.target}: {self.measured}"
+
+
+def print_verdicts(verdicts: Sequence[Verdict]) -> None:
+    for verdict in verdicts:
+        print(verdict.line())
+
+
+def machine_note() -> str:
+    """Cores, pinning and load: the context every figure needs (the CPU line printed under
+    each table says whether other processes competed while measuring)."""
+    load1, load5, _ = os.getloadavg()
+    pinning = (
+        f"servers on core {SERVER_CORE}, load generator on core {LOAD_CORE}"
+        if SERVER_CORE is not None
+        else "one core only: no pinning, servers and load generator share it"
+    )
+    return (
+        f"{os.cpu_count()} cores ({pinning}); load average {load1:.2f} (1 min), {load5:.2f} (5 min)"
+    )
+
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_ticks() -> int:
+    """CPU time spent on anything but idling, all cores, since boot."""
+    with open("/proc/stat") as handle:
+        fields = [int(n) for n in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle
+
+
+def _our_ticks() -> int:
+    """CPU time of this process and every descendant: a live process counts its own time, a
+    reaped one is in its parent's ``cutime``/``cstime``, so nothing is counted twice."""
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                rest = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(rest[1])
+        times[int(entry)] = sum(int(n) for n in rest[11:15])
+    ours = {os.getpid()}
+    grew = True
+    while grew:
+        fresh = {pid for pid, parent in parents.items() if parent in ours and pid not in ours}
+        ours |= fresh
+        grew = bool(fresh)
+    return sum(times.get(pid, 0) for pid in ours)
+
+
+def _others_cores(window_s: float) -> float:
+    """Cores used by processes that are not this benchmark over the next ``window_s``."""
+    wall, busy, ours = time.monotonic(), _machine_busy_ticks(), _our_ticks()
+    time.sleep(window_s)
+    spent = (_machine_busy_ticks() - busy) - (_our_ticks() - ours)
+    return max(0.0, spent / _TICKS_PER_S / (time.monotonic() - wall))
+
+
+class QuietWait:
+    """Waits for other processes to leave the cores alone before a measurement.
+
+    Before each measurement, ``wait()`` returns once other processes have used under
+    ``threshold`` cores for a second, or when the whole budget of ``budget_s``
+    seconds (shared by every call) is spent; then it measures anyway.
+    """
+
+    def __init__(self, budget_s: float, threshold: float = 0.15) -> None:
+        self.budget_s = budget_s
+        self.threshold = threshold
+
+    def wait(self) -> None:
+        if self.budget_s <= 0:
+            return
+        started = time.monotonic()
+        calm = 0
+        others = 0.0
+        while calm < 2 and time.monotonic() - started < self.budget_s:
+            others = _others_cores(0.5)
+            calm = calm + 1 if others < self.threshold else 0
+        waited = time.monotonic() - started
+        self.budget_s = max(0.0, self.budget_s - waited)
+        if calm >= 2:
+            if waited > 2.5:
+                print(f"(waited {waited:.0f} s for other processes to go quiet)")
+        else:
+            print(
+                f"(other processes still use {others:.2f} cores and the wait budget is spent: "
+                "measuring without waiting from now on)"
+            )
+
+
+class CpuMeter:
+    """How busy the machine was during a measurement, and how much of it was not us.
+
+    Other processes on the machine (a test run, a build) take cores from the servers and
+    the load generator; this says how much, so a noisy figure can be told from a real one.
+    """
+
+    def __init__(self) -> None:
+        self._wall = time.monotonic()
+        self._busy = _machine_busy_ticks()
+        self._ours = _our_ticks()
+
+    def summary(self) -> str:
+        wall = time.monotonic() - self._wall
+        busy = (_machine_busy_ticks() - self._busy) / _TICKS_PER_S / wall
+        ours = (_our_ticks() - self._ours) / _TICKS_PER_S / wall
+        others = max(0.0, busy - ours)
+        note = f"CPU while measuring: this benchmark {ours:.2f} cores, other processes {others:.2f}"
+        note += f" cores (of {os.cpu_count()})"
+        if others > 0.2:
+            note += "; the other processes compete for the pinned cores: figures are noisy"
+        return note
