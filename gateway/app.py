@@ -17,20 +17,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.auth import AuthMiddleware, ClientRegistry
+from gateway.auth import ClientRegistry
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError, error_response
 from gateway.handlers import Handlers
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, flush_logs_every
 from gateway.lookup import UpstreamFailures
 from gateway.metrics import exposition
-from gateway.middleware import RequestContextMiddleware, request_info
-from gateway.ratelimit import RateLimitMiddleware
+from gateway.middleware import GatewayMiddleware, request_info
 from gateway.store import StoreError
 
 __all__ = ["create_app", "factory", "secrets_of"]
 
 log = structlog.get_logger("mjgate.app")
+
+LOG_FLUSH_S = 0.2
 
 
 def create_app(config: Config) -> Starlette:
@@ -41,11 +42,14 @@ def create_app(config: Config) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await handlers.start()
+        flusher = asyncio.create_task(flush_logs_every(LOG_FLUSH_S))
         log.info("started", upstreams=[u.name for u in config.upstreams])
         try:
             yield
         finally:
             await handlers.aclose()
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -72,9 +76,13 @@ def create_app(config: Config) -> Starlette:
         # The task routes first: the cached fetch is the request the team makes most.
         routes=[*handlers.routes(), *routes],
         middleware=[
-            Middleware(RequestContextMiddleware, quiet_paths=quiet),
-            Middleware(AuthMiddleware, registry=ClientRegistry(config), public_paths=quiet),
-            Middleware(RateLimitMiddleware, limiter=lambda: handlers.limiter),
+            Middleware(
+                GatewayMiddleware,
+                registry=ClientRegistry(config),
+                limiter=lambda: handlers.limiter,
+                fast_path=lambda: handlers.cached_fetch,
+                public_paths=quiet,
+            ),
         ],
         exception_handlers={
             GatewayError: _gateway_error,

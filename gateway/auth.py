@@ -11,24 +11,25 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-import structlog
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Scope
 
 from gateway.config import ClientConfig, Config
 from gateway.errors import error_response
-from gateway.middleware import request_info
 
 __all__ = [
     "ANONYMOUS",
-    "AuthMiddleware",
     "ClientRegistry",
     "caller",
     "caller_or_none",
     "extract_key",
+    "missing_key_response",
+    "set_caller",
 ]
 
 ANONYMOUS = ClientConfig(name="anonymous", key_sha256="")
 _PLACEHOLDER = "midjourney-proxy"
+_KNOWN_KEYS = 10_000
 _SCOPE_KEY = "mjgate.client"
 
 
@@ -54,14 +55,22 @@ class ClientRegistry:
     def __init__(self, config: Config) -> None:
         self._by_digest = {c.key_sha256: c for c in config.clients}
         self._allow_anonymous = config.allow_anonymous
+        # Keys already seen to be valid, so the digest is computed once per key, not per
+        # request. Only known keys are kept: a caller spraying random keys cannot grow it.
+        self._known: dict[str, ClientConfig] = {}
 
     def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> ClientConfig | None:
         key = extract_key(headers)
         if key is None:
             return ANONYMOUS if self._allow_anonymous else None
-        # A dict lookup by digest leaks nothing useful through timing: the caller controls
-        # the key, not the digest it is compared by.
-        return self._by_digest.get(hashlib.sha256(key.encode()).hexdigest())
+        client = self._known.get(key)
+        if client is None:
+            # A dict lookup by digest leaks nothing useful through timing: the caller
+            # controls the key, not the digest it is compared by.
+            client = self._by_digest.get(hashlib.sha256(key.encode()).hexdigest())
+            if client is not None and len(self._known) < _KNOWN_KEYS:
+                self._known[key] = client
+        return client
 
 
 def caller(scope: Scope) -> ClientConfig:
@@ -75,33 +84,16 @@ def caller_or_none(scope: Scope) -> ClientConfig | None:
     return client
 
 
-class AuthMiddleware:
-    """Refuses requests without a known key (401 JSON) before any routing or upstream call."""
+def set_caller(scope: Scope, client: ClientConfig) -> None:
+    scope[_SCOPE_KEY] = client
 
-    def __init__(
-        self, app: ASGIApp, registry: ClientRegistry, public_paths: frozenset[str]
-    ) -> None:
-        self.app = app
-        self.registry = registry
-        self.public_paths = public_paths
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public_paths:
-            await self.app(scope, receive, send)
-            return
-        client = self.registry.authenticate(scope["headers"])
-        info = request_info(scope)
-        if client is None:
-            missing = extract_key(scope["headers"]) is None
-            description = (
-                "missing API key: send it as 'mj-api-secret: KEY' or 'Authorization: Bearer KEY'"
-                if missing
-                else "unknown API key"
-            )
-            response = error_response(401, description, info.request_id)
-            await response(scope, receive, send)
-            return
-        scope[_SCOPE_KEY] = client
-        info.client = client.name
-        structlog.contextvars.bind_contextvars(client=client.name)
-        await self.app(scope, receive, send)
+def missing_key_response(headers: Iterable[tuple[bytes, bytes]], request_id: str) -> Response:
+    """The 401 for a request without a known key, saying which of the two it lacked."""
+    if extract_key(headers) is None:
+        description = (
+            "missing API key: send it as 'mj-api-secret: KEY' or 'Authorization: Bearer KEY'"
+        )
+    else:
+        description = "unknown API key"
+    return error_response(401, description, request_id)

@@ -13,6 +13,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Scope
 
 from gateway.auth import caller
 from gateway.cache import TaskCache
@@ -21,7 +22,7 @@ from gateway.config import Config, UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.lookup import TaskLookup, UpstreamFailures, call
 from gateway.metrics import CIRCUIT_STATE, CIRCUIT_VALUES, PARTIAL_ANSWERS, SUBMITS
-from gateway.middleware import RequestInfo, request_info
+from gateway.middleware import FastAnswer, RequestInfo, request_info
 from gateway.outbound import OutboundCaps
 from gateway.owners import OwnerMap
 from gateway.query import TaskSearch, page_object, parse_query
@@ -55,6 +56,7 @@ ACCEPTED_CODES = frozenset({1, 21, 22})
 CHANGES_TASK = frozenset({"image-seed", "cancel"})
 INVALIDATE_AGAIN_S = 2.0
 _SAFE_QUERY = re.compile(r"[A-Za-z0-9_.~%&=+,-]*")
+_FETCH_PATH = re.compile(r"(|/mj-fast|/mj-relax|/mj-turbo)/mj/task/([A-Za-z0-9_-]{1,64})/fetch")
 
 
 class Handlers:
@@ -136,6 +138,18 @@ class Handlers:
             for path in self.config.passthrough
         ]
         return routes
+
+    def cached_fetch(self, scope: Scope) -> FastAnswer | None:
+        """A fetch this worker can answer from L1 alone, for the front layer's fast path."""
+        match = _FETCH_PATH.fullmatch(scope["path"])
+        if match is None:
+            return None
+        allowed = self.pool.allowed(caller(scope).upstreams)
+        answer = self.lookup.fetch_cached(match.group(2), self.pool.names(allowed))
+        if answer is None or not answer.found:
+            return None
+        route = f"{match.group(1)}/mj/task/{{task_id}}/fetch"
+        return FastAnswer(answer.body, route, answer.cache, answer.tier)
 
     def _allowed(self, request: Request) -> tuple[Upstream, ...]:
         return self.pool.allowed(caller(request.scope).upstreams)

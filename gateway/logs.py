@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -13,7 +15,7 @@ from structlog.typing import EventDict, WrappedLogger
 
 from gateway.config import LoggingConfig
 
-__all__ = ["SecretRedactor", "configure_logging"]
+__all__ = ["SecretRedactor", "configure_logging", "flush_logs_every"]
 
 _SENSITIVE_FIELDS = frozenset({"authorization", "mj-api-secret", "key", "api_key", "password"})
 _REDACTED = "[redacted]"
@@ -27,7 +29,9 @@ class SecretRedactor:
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = tuple(sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True))
+        # Longest first, so a secret that contains another is masked whole.
+        ordered = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
     def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
         for name, value in event.items():
@@ -39,9 +43,8 @@ class SecretRedactor:
 
     def _scrub(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, _REDACTED)
+            if self._pattern is not None and self._pattern.search(value):
+                return self._pattern.sub(_REDACTED, value)
             return value
         if isinstance(value, dict):
             return {
@@ -51,6 +54,45 @@ class SecretRedactor:
         if isinstance(value, list | tuple):
             return [self._scrub(v) for v in value]
         return value
+
+
+class _LineLogger:
+    """structlog's BytesLogger without a flush per line (the cost of a system call on every
+    request): info lines go out when the buffer fills or ``flush_logs_every`` ticks; warnings
+    and errors are flushed at once."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._write = out.write
+        self._flush = out.flush
+
+    def msg(self, message: bytes) -> None:
+        self._write(message + b"\n")
+
+    debug = info = msg
+
+    def warning(self, message: bytes) -> None:
+        self._write(message + b"\n")
+        self._flush()
+
+    warn = error = err = critical = fatal = exception = warning
+
+
+class _LineLoggerFactory:
+    def __init__(self, out: BinaryIO) -> None:
+        self._logger = _LineLogger(out)
+
+    def __call__(self, *args: Any) -> _LineLogger:
+        return self._logger
+
+
+async def flush_logs_every(interval_s: float) -> None:
+    """Run for the life of the app: buffered log lines never wait longer than this."""
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            sys.stdout.flush()
+    finally:
+        sys.stdout.flush()
 
 
 def configure_logging(config: LoggingConfig, secrets: Iterable[str] = ()) -> None:
@@ -69,7 +111,7 @@ def configure_logging(config: LoggingConfig, secrets: Iterable[str] = ()) -> Non
         factory: Any = structlog.PrintLoggerFactory(sys.stdout)
     else:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-        factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        factory = _LineLoggerFactory(sys.stdout.buffer)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),

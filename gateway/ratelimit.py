@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.responses import Response
 
-from gateway.auth import caller_or_none
 from gateway.buckets import Grant
-from gateway.config import Bucket, RateLimitConfig
+from gateway.config import Bucket, ClientConfig, RateLimitConfig
 from gateway.errors import error_response
 from gateway.metrics import RATE_LIMITED
-from gateway.middleware import request_info
 from gateway.store import KeySpace, Store, StoreError
 
-__all__ = ["CallerLimiter", "Decision", "RateLimitMiddleware", "route_class"]
+__all__ = ["CallerLimiter", "Decision", "refusal_response", "route_class"]
 
 log = structlog.get_logger("mjgate.ratelimit")
 
@@ -38,6 +35,8 @@ class Decision:
     remaining: int
     reset_s: int
     retry_after_s: int = 0
+    rps: float = 0.0
+    store_down: bool = False
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [
@@ -105,12 +104,12 @@ class CallerLimiter:
 
     def _decision(self, allowed: bool, bucket: Bucket, left: float) -> Decision:
         reset = math.ceil(max(0.0, bucket.burst - left) / bucket.rps)
-        return Decision(allowed, bucket.burst, max(0, math.floor(left)), reset)
+        return Decision(allowed, bucket.burst, max(0, math.floor(left)), reset, rps=bucket.rps)
 
     def _refusal(self, bucket: Bucket, grant: Grant) -> Decision:
         decision = self._decision(False, bucket, grant.tokens_left)
         retry = max(1, math.ceil(grant.retry_after_s(bucket.rps)))
-        return Decision(False, decision.limit, 0, decision.reset_s, retry)
+        return Decision(False, decision.limit, 0, decision.reset_s, retry, bucket.rps)
 
     def _on_store_error(self, bucket: Bucket, exc: StoreError) -> Decision:
         allow = self.config.on_store_error == "allow"
@@ -119,49 +118,18 @@ class CallerLimiter:
             self._store_down = True
             log.warning("store_error", operation="rate_limit", error=str(exc), allowing=allow)
         if allow:
-            return Decision(True, bucket.burst, bucket.burst, 0)
-        return Decision(False, bucket.burst, 0, 1, retry_after_s=1)
-
-    @property
-    def store_down(self) -> bool:
-        return self._store_down
+            return Decision(True, bucket.burst, bucket.burst, 0, rps=bucket.rps)
+        return Decision(False, bucket.burst, 0, 1, 1, bucket.rps, store_down=True)
 
 
-class RateLimitMiddleware:
-    """429 JSON for callers over their limit; ``RateLimit-*`` headers on every answer to an
-    authenticated caller. Unauthenticated paths (health, metrics) are never limited."""
-
-    def __init__(self, app: ASGIApp, limiter: Callable[[], CallerLimiter]) -> None:
-        self.app = app
-        # The limiter is opened in the lifespan, after the middleware stack is built.
-        self.limiter = limiter
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = caller_or_none(scope) if scope["type"] == "http" else None
-        if client is None:
-            await self.app(scope, receive, send)
-            return
-        limiter = self.limiter()
-        limit = client.rate_limit or limiter.config.default
-        name, bucket = limit.for_class(route_class(scope["path"]))
-        decision = await limiter.check(client.name, name, bucket)
-        if not decision.allowed:
-            RATE_LIMITED.labels(client.name).inc()
-            description = (
-                f"rate limit exceeded for client {client.name}: {bucket.rps:g} requests/s, "
-                f"bursts of {bucket.burst}; retry in {decision.retry_after_s} s"
-            )
-            if limiter.store_down:
-                description = "rate limiter unavailable and configured to deny; retry shortly"
-            response = error_response(429, description, request_info(scope).request_id)
-            response.raw_headers += decision.headers()
-            await response(scope, receive, send)
-            return
-        extra = decision.headers()
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+def refusal_response(client: ClientConfig, decision: Decision, request_id: str) -> Response:
+    """The 429 JSON for a caller over its limit (or refused while the store is down)."""
+    RATE_LIMITED.labels(client.name).inc()
+    if decision.store_down:
+        description = "rate limiter unavailable and configured to deny; retry shortly"
+    else:
+        description = (
+            f"rate limit exceeded for client {client.name}: {decision.rps:g} requests/s, "
+            f"bursts of {decision.limit}; retry in {decision.retry_after_s} s"
+        )
+    return error_response(429, description, request_id)
