@@ -17,6 +17,7 @@ demo: $(BIN)/mjgate
 system-deps:
 	scripts/system-deps redis-server
 	scripts/install-prometheus
+	scripts/install-deploy-tools
 
 lint: $(BIN)/mjgate
 	$(BIN)/ruff check .

@@ -82,6 +82,7 @@ class Handlers:
     async def start(self) -> None:
         config = self.config
         self.store = open_store(config.redis)
+        await self.store.open()
         keys = KeySpace(config.redis.key_prefix)
         self.pool = UpstreamPool([self._upstream(u, keys) for u in config.upstreams])
         self.limiter = CallerLimiter(self.store, keys, config.rate_limit)

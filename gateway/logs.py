@@ -15,7 +15,13 @@ from structlog.typing import EventDict, WrappedLogger
 
 from gateway.config import LoggingConfig
 
-__all__ = ["SecretRedactor", "configure_logging", "flush_logs_every"]
+__all__ = [
+    "RedactingJSONRenderer",
+    "SecretRedactor",
+    "configure_logging",
+    "flush_logs_every",
+    "redact_credential_fields",
+]
 
 _SENSITIVE_FIELDS = frozenset({"authorization", "mj-api-secret", "key", "api_key", "password"})
 _REDACTED = "[redacted]"
@@ -56,6 +62,45 @@ class SecretRedactor:
         return value
 
 
+def redact_credential_fields(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Mask fields named like credentials, at any depth."""
+    for name in _SENSITIVE_FIELDS.intersection(event):
+        event[name] = _REDACTED
+    for name, value in event.items():
+        if isinstance(value, dict | list | tuple):
+            event[name] = _mask_nested(value)
+    return event
+
+
+def _mask_nested(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _REDACTED if str(k).lower() in _SENSITIVE_FIELDS else _mask_nested(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_mask_nested(v) for v in value]
+    return value
+
+
+class RedactingJSONRenderer:
+    """orjson rendering, then known secret values masked in the rendered bytes, in the raw
+    and in the JSON-escaped form they take inside a string."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        forms = {
+            form for s in secrets if len(s) >= 4 for form in (s.encode(), orjson.dumps(s)[1:-1])
+        }
+        ordered = sorted(forms, key=len, reverse=True)
+        self._pattern = re.compile(b"|".join(map(re.escape, ordered))) if ordered else None
+
+    def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> bytes:
+        line = orjson.dumps(event, default=repr)
+        if self._pattern is not None and self._pattern.search(line):
+            line = self._pattern.sub(_REDACTED.encode(), line)
+        return line
+
+
 class _LineLogger:
     """structlog's BytesLogger without a flush per line (the cost of a system call on every
     request): info lines go out when the buffer fills or ``flush_logs_every`` ticks; warnings
@@ -85,6 +130,10 @@ class _LineLoggerFactory:
         return self._logger
 
 
+def _console_renderer() -> Any:
+    return structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+
+
 async def flush_logs_every(interval_s: float) -> None:
     """Run for the life of the app: buffered log lines never wait longer than this."""
     try:
@@ -104,16 +153,17 @@ def configure_logging(config: LoggingConfig, secrets: Iterable[str] = ()) -> Non
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
-        SecretRedactor(secrets),
     ]
     if config.format == "console":
-        renderer: Any = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        processors = [*shared, SecretRedactor(secrets), _console_renderer()]
         factory: Any = structlog.PrintLoggerFactory(sys.stdout)
     else:
-        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        # Values are scrubbed once, in the rendered line: one regex pass per line instead
+        # of one per field.
+        processors = [*shared, redact_credential_fields, RedactingJSONRenderer(secrets)]
         factory = _LineLoggerFactory(sys.stdout.buffer)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=factory,
         cache_logger_on_first_use=True,

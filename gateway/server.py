@@ -7,6 +7,7 @@ import uvicorn
 from gateway.app import create_app, secrets_of
 from gateway.config import Config
 from gateway.logs import configure_logging
+from gateway.worker import DrainingServer
 
 __all__ = ["serve", "uvicorn_config"]
 
@@ -31,4 +32,4 @@ def uvicorn_config(
 
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
     configure_logging(config.logging, secrets_of(config))
-    uvicorn.Server(uvicorn_config(config, host, port)).run()
+    DrainingServer(uvicorn_config(config, host, port)).run()

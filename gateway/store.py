@@ -65,6 +65,10 @@ class Store(Protocol):
 
     async def ping(self) -> None: ...
 
+    async def open(self) -> None:
+        """Called once in the lifespan, before the first request."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -156,6 +160,9 @@ class MemoryStore:
     async def ping(self) -> None:
         return None
 
+    async def open(self) -> None:
+        return None
+
     async def close(self) -> None:
         self._data.clear()
 
@@ -188,9 +195,11 @@ class RedisStore:
             raise StoreError(f"redis {operation} skipped: the store failed a moment ago")
         try:
             yield
-        except RedisError as exc:
+        except Exception as exc:  # redis-py also leaks AttributeError/OSError from its races
             STORE_ERRORS.labels(operation).inc()
-            if isinstance(exc, RedisTimeoutError | RedisConnectionError):
+            if not isinstance(exc, RedisError) or isinstance(
+                exc, RedisTimeoutError | RedisConnectionError
+            ):
                 self._failing_until = time.monotonic() + _FAIL_FAST_S
             raise StoreError(f"redis {operation} failed: {type(exc).__name__}") from exc
         if probe:
@@ -259,6 +268,14 @@ class RedisStore:
     async def ping(self) -> None:
         with self._guard("ping", probe=True):
             await self._redis.ping()
+
+    async def open(self) -> None:
+        """Learn a Cluster's slot map before the first requests. A RedisCluster client left
+        to initialize on first use under concurrent requests gets MOVED answers, and every
+        fifth MOVED makes it close all its connections under the other requests' feet."""
+        if self._cluster:
+            with contextlib.suppress(StoreError), self._guard("open", probe=True):
+                await self._redis.initialize()
 
     async def close(self) -> None:
         await self._redis.aclose()
