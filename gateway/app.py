@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,6 +44,9 @@ def create_app(config: Config) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await handlers.start()
         flusher = asyncio.create_task(flush_logs_every(LOG_FLUSH_S))
+        # Everything built so far lives as long as the process: keep it out of the
+        # collector's way, so collections scan only what requests allocate.
+        gc.freeze()
         log.info("started", upstreams=[u.name for u in config.upstreams])
         try:
             yield

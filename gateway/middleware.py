@@ -91,8 +91,6 @@ class GatewayMiddleware:
             return
         info = RequestInfo(request_id=_incoming_request_id(scope) or _new_request_id())
         scope[_SCOPE_KEY] = info
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=info.request_id)
         if scope["path"] in self.public_paths:
             # Health, readiness and metrics: no key, no limit, no access-log noise.
             await self._app(scope, receive, _with_headers(send, info, ()))
@@ -109,6 +107,7 @@ class GatewayMiddleware:
             observe_request(route, scope["method"], status, info.cache, elapsed)
             access_log.info(
                 "request",
+                request_id=info.request_id,
                 client=info.client,
                 method=scope["method"],
                 route=route,
@@ -129,7 +128,6 @@ class GatewayMiddleware:
             return 401
         set_caller(scope, client)
         info.client = client.name
-        structlog.contextvars.bind_contextvars(client=client.name)
         # Decide the fast path before spending a token, so nothing is charged twice.
         fast = self.fast_path()(scope) if scope["method"] == "GET" else None
         decision = await self._limit(scope, client)
@@ -154,7 +152,13 @@ class GatewayMiddleware:
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, with a last net for bugs: one JSON 500 carrying the request id, one logged
-        (and redacted) traceback, and nothing for the server to print raw to stderr."""
+        (and redacted) traceback, and nothing for the server to print raw to stderr.
+
+        Every line the app logs carries the request id and client through contextvars; the
+        fast path logs only the access line and binds nothing (each request is its own task,
+        with its own context)."""
+        info = request_info(scope)
+        structlog.contextvars.bind_contextvars(request_id=info.request_id, client=info.client)
         started = False
 
         async def tracking_send(message: Message) -> None:

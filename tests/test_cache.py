@@ -309,8 +309,11 @@ def test_terminal_task_is_fetched_from_upstream_once_then_from_l1(
             again = fetch(c, task_id)
             assert cache_of(again) == ("HIT", "l1")
             assert again.content == first.content
-    # The owner was unknown, so the first lookup asked each upstream once; never again.
-    assert counts(sims) == {"java": 1, "csharp": 1, "relay": 1}
+    # The owner was unknown, so the first lookup asked every upstream at once (those still
+    # waiting when java answered were cancelled, possibly before sending); never again.
+    seen = counts(sims)
+    assert seen["java"] == 1
+    assert seen["csharp"] <= 1 and seen["relay"] <= 1
 
 
 def test_failure_and_cancel_are_terminal_too(sims: list[SimProcess]) -> None:
