@@ -30,7 +30,6 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 from bench.common import (
-    BenchError,
     CpuMeter,
     Gateway,
     Processes,
@@ -39,13 +38,11 @@ from bench.common import (
     Verdict,
     caller_headers,
     gateway_config,
-    install_signal_handlers,
     machine_note,
     need,
     percentile,
-    pin_self_to_load_core,
     print_table,
-    print_verdicts,
+    run_bench,
     start_gateway,
     start_redis,
     start_sim,
@@ -334,20 +331,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    install_signal_handlers()
-    pin_self_to_load_core()
-    try:
-        verdicts = run(args)
-    except BenchError as exc:
-        print(f"bench {NAME}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"bench {NAME}: interrupted; every process it started was stopped", file=sys.stderr)
-        return 130
-    print()
-    print_verdicts(verdicts)
-    return 0 if all(v.passed for v in verdicts) else 1
+    return run_bench(NAME, parser(), run, argv)
 
 
 if __name__ == "__main__":

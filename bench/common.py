@@ -9,6 +9,7 @@ killed with SIGKILL. Servers run on the first core, load generators on the secon
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import os
@@ -57,6 +58,7 @@ __all__ = [
     "pinned_child",
     "print_table",
     "print_verdicts",
+    "run_bench",
     "run_wrk",
     "start_gateway",
     "start_redis",
@@ -668,3 +670,27 @@ class CpuMeter:
         if others > 0.2:
             note += "; the other processes compete for the pinned cores: figures are noisy"
         return note
+
+
+def run_bench(
+    name: str,
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], Sequence[Verdict]],
+    argv: Sequence[str] | None,
+) -> int:
+    """A benchmark's ``main``: parse, pin, run, print the verdicts; the exit code says how it
+    went (0 every target met, 1 one missed, 2 could not run, 130 interrupted)."""
+    args = parser.parse_args(argv)
+    install_signal_handlers()
+    pin_self_to_load_core()
+    try:
+        verdicts = run(args)
+    except BenchError as exc:
+        print(f"bench {name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bench {name}: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    print()
+    print_verdicts(verdicts)
+    return 0 if all(v.passed for v in verdicts) else 1

@@ -22,7 +22,15 @@ from gateway.middleware import RequestInfo
 from gateway.tasks import STATUSES, parse_task_list, valid_task_id
 from gateway.upstreams import Upstream, UpstreamError
 
-__all__ = ["Merged", "QuerySpec", "TaskSearch", "page_object", "parse_query"]
+__all__ = [
+    "Merged",
+    "QuerySpec",
+    "TaskSearch",
+    "page_object",
+    "parse_query",
+    "sort_key",
+    "sort_rows",
+]
 
 SORT_FIELDS = frozenset(
     {"id", "action", "status", "progress", "prompt", "promptEn", "description", "state"}
@@ -122,7 +130,8 @@ def matches(task: dict[str, Any], filters: dict[str, Any]) -> bool:
     return not ("statusSet" in filters and str(task.get("status")) not in filters["statusSet"])
 
 
-def _sort_key(value: Any) -> tuple[int, float, str]:
+def sort_key(value: Any) -> tuple[int, float, str]:
+    """A total order over JSON values: missing first, then numbers, strings, the rest."""
     if value is None:
         return (0, 0.0, "")
     if isinstance(value, bool | int | float):
@@ -135,7 +144,7 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
 def sort_rows(rows: list[dict[str, Any]], order: tuple[str, bool]) -> None:
     """Sort in place by one field, ties broken by id in the same direction."""
     field, descending = order
-    rows.sort(key=lambda t: (_sort_key(t.get(field)), str(t.get("id"))), reverse=descending)
+    rows.sort(key=lambda t: (sort_key(t.get(field)), str(t.get("id"))), reverse=descending)
 
 
 def page_object(rows: list[dict[str, Any]], total: int, spec: QuerySpec) -> dict[str, Any]:

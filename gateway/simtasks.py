@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 
+from gateway.query import sort_key
+
 __all__ = [
     "FAIL_REASONS",
     "MAX_TASKS",
@@ -433,16 +435,6 @@ def _matches(task: Json, body: Mapping[str, Any]) -> bool:
     return True
 
 
-def _sort_key(value: Any) -> tuple[int, float, str]:
-    if value is None:
-        return (0, 0.0, "")
-    if isinstance(value, bool | int | float):
-        return (1, float(value), "")
-    if isinstance(value, str):
-        return (2, 0.0, value)
-    return (3, 0.0, orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode())
-
-
 def _parse_sort(raw: Any) -> list[tuple[str, bool]]:
     specs = raw if isinstance(raw, list) else [raw]
     orders: list[tuple[str, bool]] = []
@@ -460,7 +452,7 @@ def query_page(views: list[Json], body: Mapping[str, Any]) -> Json:
     orders = _parse_sort(body.get("sort"))
     rows.sort(key=lambda task: str(task.get("id")), reverse=orders[0][1])
     for field, descending in reversed(orders):
-        rows.sort(key=lambda task: _sort_key(task.get(field)), reverse=descending)
+        rows.sort(key=lambda task: sort_key(task.get(field)), reverse=descending)
     number = max(0, _as_int(body.get("pageNumber"), 0))
     size = _as_int(body.get("pageSize"), 10)
     size = 10 if size < 1 else min(size, 10_000)
