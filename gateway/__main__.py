@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import yaml
 
-from gateway.config import ConfigError, hash_key, load_config, redacted
+from gateway.config import ConfigError, hash_key, redacted
+from gateway.configfile import load_config
 
 __all__ = ["main"]
 
@@ -153,7 +154,7 @@ def _hash_key(args: argparse.Namespace) -> int:
 def _gen_key(args: argparse.Namespace) -> int:
     import secrets
 
-    from gateway.config import CLIENT_NAME
+    from gateway.configfile import CLIENT_NAME
 
     if not CLIENT_NAME.match(args.name):
         print("mjgate: a client name is 1-64 characters of A-Z a-z 0-9 _ . -", file=sys.stderr)

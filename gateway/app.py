@@ -19,7 +19,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.auth import ClientRegistry
-from gateway.config import Config, load_config
+from gateway.config import Config
+from gateway.configfile import load_config
 from gateway.errors import GatewayError, error_response
 from gateway.handlers import Handlers
 from gateway.logs import configure_logging, flush_logs_every

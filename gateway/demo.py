@@ -11,7 +11,8 @@ import socket
 import uvicorn
 
 from gateway.app import create_app
-from gateway.config import LoggingConfig, config_from_dict
+from gateway.config import LoggingConfig
+from gateway.configfile import config_from_dict
 from gateway.logs import configure_logging
 from gateway.sim import SimSettings, create_sim_app
 

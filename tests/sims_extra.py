@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 
-from gateway.config import Config, config_from_dict
+from gateway.config import Config
+from gateway.configfile import config_from_dict
 from tests.support import CALLER_KEYS, GatewayThread, SimProcess, caller, free_port
 
 __all__ = [

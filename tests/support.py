@@ -20,7 +20,8 @@ import httpx
 import uvicorn
 
 from gateway.app import create_app
-from gateway.config import Config, config_from_dict
+from gateway.config import Config
+from gateway.configfile import config_from_dict
 
 CALLER_KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789"}
 

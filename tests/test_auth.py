@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from gateway.auth import ANONYMOUS, ClientRegistry, extract_key
-from gateway.config import Config, config_from_dict, hash_key
+from gateway.config import Config, hash_key
+from gateway.configfile import config_from_dict
 from tests.support import (
     CALLER_KEYS,
     GatewayThread,

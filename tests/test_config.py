@@ -10,16 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.config import (
-    Config,
-    ConfigError,
-    RedisConfig,
-    Secret,
-    config_from_dict,
-    hash_key,
-    load_config,
-    redacted,
-)
+from gateway.config import Config, ConfigError, RedisConfig, Secret, hash_key, redacted
+from gateway.configfile import config_from_dict, load_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 EXAMPLE_ENV = {

@@ -33,7 +33,8 @@ import httpx
 import pytest
 import yaml
 
-from gateway.config import ConfigError, config_from_dict, load_config
+from gateway.config import ConfigError
+from gateway.configfile import config_from_dict, load_config
 from tests.redis_topologies import listen_port
 from tests.support import SimProcess, wait_until
 

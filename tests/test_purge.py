@@ -18,7 +18,8 @@ import pytest
 import redis
 import yaml
 
-from gateway.config import Config, config_from_dict, load_config
+from gateway.config import Config
+from gateway.configfile import config_from_dict, load_config
 from gateway.store import KeySpace
 from tests.support import (
     CALLER_KEYS,

@@ -28,7 +28,8 @@ import httpx
 import pytest
 import yaml
 
-from gateway.config import hash_key, load_config
+from gateway.config import hash_key
+from gateway.configfile import load_config
 from tests.gunicorn_support import (
     ROOT,
     config_data,
