@@ -70,14 +70,20 @@ def test_example_config_loads_as_is_with_its_env_vars() -> None:
     assert relay.key.reveal() == EXAMPLE_ENV["RELAY_MJ_KEY"]
     assert relay.list_by_ids_path == "/mj/task/list-by-ids"
 
-    alice, dashboards = config.clients
+    alice, dashboards, ops = config.clients
     assert alice.name == "alice"
     assert alice.key_sha256 == hash_key(EXAMPLE_ENV["ALICE_KEY"])
     assert alice.upstreams == ("main",)
     assert alice.rate_limit is not None
     assert (alice.rate_limit.rps, alice.rate_limit.burst) == (10, 20)
+    assert alice.rate_limit.submit is not None
+    assert (alice.rate_limit.submit.rps, alice.rate_limit.submit.burst) == (2, 5)
+    assert alice.rate_limit.for_class("submit") == ("submit", alice.rate_limit.submit)
+    assert alice.rate_limit.for_class("query")[0] == "all"
     assert dashboards.key_sha256 == hash_key("password")
     assert dashboards.upstreams is None
+    assert not dashboards.admin and ops.admin
+    assert ops.key_sha256 == hash_key("foo")
 
     assert config.allow_anonymous is False
     assert config.redis.url.reveal() == ""  # ${REDIS_URL:-} unset: the embedded store
