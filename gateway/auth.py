@@ -21,7 +21,6 @@ __all__ = [
     "ANONYMOUS",
     "ClientRegistry",
     "caller",
-    "caller_or_none",
     "extract_key",
     "missing_key_response",
     "set_caller",
@@ -75,12 +74,6 @@ class ClientRegistry:
 
 def caller(scope: Scope) -> ClientConfig:
     client: ClientConfig = scope[_SCOPE_KEY]
-    return client
-
-
-def caller_or_none(scope: Scope) -> ClientConfig | None:
-    """The authenticated caller, or None on a public path."""
-    client: ClientConfig | None = scope.get(_SCOPE_KEY)
     return client
 
 

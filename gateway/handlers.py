@@ -41,13 +41,7 @@ from gateway.validation import (
 
 log = structlog.get_logger("mjgate.handlers")
 
-__all__ = [
-    "MODES",
-    "Handlers",
-    "accepted_task_id",
-    "forward",
-    "should_fail_over",
-]
+__all__ = ["MODES", "Handlers"]
 
 # Speed-mode prefixes of new-api relays (`/mj-fast/mj/submit/imagine`); kept when forwarding.
 MODES = ("", "/mj-fast", "/mj-relax", "/mj-turbo")
@@ -171,9 +165,9 @@ class Handlers:
         ids = await read_ids(request, self.max_body, self.config.fanout.max_ids)
         info = request_info(request.scope)
         result = await self._lookup(self.lookup.list_tasks(mode, ids, self._allowed(request), info))
-        headers = {"x-gateway-partial": ",".join(result.failed)} if result.failed else None
-        info.cache = result.cache
-        return Response(result.body, headers=headers, media_type="application/json")
+        response = self._merged(result.body, result.failed, info)
+        info.cache = result.cache  # HIT when every id came from the cache
+        return response
 
     async def query(self, mode: str, request: Request) -> Response:
         spec = parse_query(await read_json_object(request, self.max_body))

@@ -11,7 +11,6 @@ import orjson
 __all__ = [
     "STATUSES",
     "TERMINAL",
-    "TaskMap",
     "in_request_order",
     "is_not_found",
     "parse_task",
@@ -26,8 +25,6 @@ STATUSES = frozenset(
 TERMINAL = frozenset({"SUCCESS", "FAILURE", "CANCEL"})
 
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-TaskMap = dict[str, dict[str, Any]]
 
 
 def valid_task_id(value: object) -> bool:
