@@ -26,7 +26,7 @@ import yaml
 from httpx_aiohttp import AiohttpTransport
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import CALLER_KEYS, SimProcess, free_port, wait_until
+from tests.support import config_data, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -41,24 +41,6 @@ __all__ = [
     "worker_cpu_ticks",
     "worker_pids",
 ]
-
-
-def config_data(sims: list[SimProcess], redis_url: str = "", **sections: Any) -> dict[str, Any]:
-    """The plain-data twin of ``tests.support.make_config``, for a YAML file: alice may use
-    every upstream, bob only the first; generous limits unless ``sections`` set their own."""
-    data: dict[str, Any] = {
-        "redis": {"url": redis_url, "key_prefix": f"t{uuid.uuid4().hex[:12]}"},
-        "upstreams": [s.upstream_config() for s in sims],
-        "clients": [
-            {"name": "alice", "key": CALLER_KEYS["alice"]},
-            {"name": "bob", "key": CALLER_KEYS["bob"], "upstreams": [sims[0].name]},
-        ],
-        "fanout": {"deadline_s": 3},
-        "rate_limit": {"default": {"rps": 10000, "burst": 10000}},
-        "logging": {"level": "info", "format": "json"},
-    }
-    data.update(sections)
-    return data
 
 
 @dataclass

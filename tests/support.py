@@ -24,6 +24,18 @@ from gateway.config import Config
 from gateway.configfile import config_from_dict
 
 CALLER_KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789"}
+# The fields of the one access-log line per request.
+ACCESS_LOG_FIELDS = (
+    "request_id",
+    "client",
+    "method",
+    "route",
+    "status",
+    "duration_ms",
+    "cache",
+    "upstreams",
+    "upstream_ms",
+)
 
 
 def free_port() -> int:
@@ -183,8 +195,9 @@ def standard_sims() -> list[SimProcess]:
     ]
 
 
-def make_config(sims: list[SimProcess], redis_url: str = "", **sections: Any) -> Config:
-    """A config with callers alice (every upstream) and bob (the first upstream only)."""
+def config_data(sims: list[SimProcess], redis_url: str = "", **sections: Any) -> dict[str, Any]:
+    """A config document with callers alice (every upstream) and bob (the first upstream
+    only), generous limits (tests of the limits set their own) and a fresh key prefix."""
     data: dict[str, Any] = {
         "redis": {"url": redis_url, "key_prefix": f"t{uuid.uuid4().hex[:12]}"},
         "upstreams": [s.upstream_config() for s in sims],
@@ -193,11 +206,15 @@ def make_config(sims: list[SimProcess], redis_url: str = "", **sections: Any) ->
             {"name": "bob", "key": CALLER_KEYS["bob"], "upstreams": [sims[0].name]},
         ],
         "fanout": {"deadline_s": 3},
-        # Generous limits: tests of the limits themselves set their own.
         "rate_limit": {"default": {"rps": 10000, "burst": 10000}},
     }
     data.update(sections)
-    return config_from_dict(data, env={})
+    return data
+
+
+def make_config(sims: list[SimProcess], redis_url: str = "", **sections: Any) -> Config:
+    """``config_data`` as a validated Config."""
+    return config_from_dict(config_data(sims, redis_url, **sections), env={})
 
 
 class GatewayThread:

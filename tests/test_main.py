@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from gateway.config import hash_key
-from tests.support import CALLER_KEYS, SimProcess, free_port, wait_until
+from tests.support import ACCESS_LOG_FIELDS, CALLER_KEYS, SimProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MJGATE = Path(sys.executable).parent / "mjgate"
@@ -33,17 +33,6 @@ EXAMPLE_ENV = {
 # A caller whose config holds only the digest of its key.
 CAROL_KEY = "carol-digest-only-key-31"
 WRONG_KEYS = ("wrong-caller-key-aaaa", "wrong-caller-key-bbbb", "wrong-caller-key-cccc")
-ACCESS_FIELDS = (
-    "request_id",
-    "client",
-    "method",
-    "route",
-    "status",
-    "duration_ms",
-    "cache",
-    "upstreams",
-    "upstream_ms",
-)
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -328,7 +317,7 @@ def test_serve_keeps_every_key_out_of_logs_and_error_bodies(
     assert len(access) == len(calls)
     for response, status, client in responses:
         line = access[response.headers["x-request-id"]]
-        for name in ACCESS_FIELDS:
+        for name in ACCESS_LOG_FIELDS:
             assert name in line, (name, line)
         assert line["status"] == status
         assert line["client"] == client

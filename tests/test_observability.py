@@ -31,10 +31,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (
-    CALLER_KEYS,
     RedisProcess,
     SimProcess,
     caller,
+    config_data,
     free_port,
     make_config,
     running_gateway,
@@ -79,24 +79,6 @@ def prometheus_binary(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
-
-
-def config_data(sims: list[SimProcess], redis_url: str = "", **sections: Any) -> dict[str, Any]:
-    """A gateway config as plain data for a YAML file: alice may use every upstream, bob the
-    first one only; JSON logs; generous rate limits unless ``sections`` say otherwise."""
-    data: dict[str, Any] = {
-        "redis": {"url": redis_url, "key_prefix": f"t{uuid.uuid4().hex[:12]}"},
-        "upstreams": [s.upstream_config() for s in sims],
-        "clients": [
-            {"name": "alice", "key": CALLER_KEYS["alice"]},
-            {"name": "bob", "key": CALLER_KEYS["bob"], "upstreams": [sims[0].name]},
-        ],
-        "fanout": {"deadline_s": 3},
-        "rate_limit": {"default": {"rps": 10000, "burst": 10000}},
-        "logging": {"level": "info", "format": "json"},
-    }
-    data.update(sections)
-    return data
 
 
 @dataclass
