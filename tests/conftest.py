@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from gateway.config import RedisConfig, Secret
+from gateway.store import MemoryStore, RedisStore, Store
 from tests.support import RedisProcess, SimProcess, standard_sims
 
 
@@ -42,3 +44,17 @@ def store_url(request: pytest.FixtureRequest) -> str:
         return ""
     redis: RedisProcess = request.getfixturevalue("redis_server")
     return redis.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each behavior test runs on the embedded store and on the session's real Redis."""
+    if request.param == "memory":
+        memory = MemoryStore()
+        yield memory
+        await memory.close()
+        return
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    redis_store = RedisStore(RedisConfig(url=Secret(server.url)))
+    yield redis_store
+    await redis_store.close()

@@ -4,7 +4,7 @@ store failure is "unknown" on read and never an error on write."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as redis
@@ -12,21 +12,10 @@ from structlog.testing import capture_logs
 
 from gateway.config import RedisConfig, Secret
 from gateway.owners import OwnerMap
-from gateway.store import KeySpace, MemoryStore, RedisStore, Store
+from gateway.store import KeySpace, RedisStore, Store
 from tests.support import RedisProcess
 
 TTL_S = 3600
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    server: RedisProcess = request.getfixturevalue("redis_server")
-    redis_store = RedisStore(RedisConfig(url=Secret(server.url)))
-    yield redis_store
-    await redis_store.close()
 
 
 @pytest.fixture

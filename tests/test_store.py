@@ -6,27 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from gateway.config import RedisConfig, Secret
 from gateway.store import KeySpace, MemoryStore, RedisStore, Store, StoreError, open_store
 from tests.support import RedisProcess
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """Each behavior test runs on the embedded store and on the session's real Redis."""
-    if request.param == "memory":
-        memory = MemoryStore()
-        yield memory
-        await memory.close()
-        return
-    server: RedisProcess = request.getfixturevalue("redis_server")
-    redis_store = RedisStore(RedisConfig(url=Secret(server.url)))
-    yield redis_store
-    await redis_store.close()
 
 
 @pytest.fixture
