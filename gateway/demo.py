@@ -48,6 +48,7 @@ def demo_config(port: int, java_port: int, relay_port: int, keys: tuple[str, str
                     "auth": "bearer",
                     "key": keys[1],
                     "list_by_ids_path": "/mj/task/list-by-ids",
+                    "supports_query": True,
                     "timeout_s": 5,
                 },
             ],
