@@ -15,9 +15,8 @@ demo: $(BIN)/mjgate
 	$(BIN)/mjgate demo
 
 system-deps:
-	scripts/system-deps redis-server
+	scripts/system-deps redis-server redis-sentinel redis-cli docker-compose
 	scripts/install-prometheus
-	scripts/install-deploy-tools
 
 lint: $(BIN)/mjgate
 	$(BIN)/ruff check .

@@ -77,7 +77,7 @@ def listen_port() -> int:
 def _need(name: str) -> str:
     binary = find_binary(name)
     if binary is None:
-        raise RuntimeError(f"{name} is not installed (scripts/install-deploy-tools installs it)")
+        raise RuntimeError(f"{name} is not installed (make system-deps installs it)")
     return binary
 
 

@@ -374,7 +374,7 @@ def run_ok(command: list[str], env: dict[str, str], **extra: str) -> str:
 
 def compose_config(*args: str) -> dict[str, Any]:
     """``docker-compose config`` of deploy/docker-compose.yml, with its defaults."""
-    tool = executable("docker-compose", "scripts/install-deploy-tools installs it")
+    tool = executable("docker-compose", "make system-deps installs it")
     env = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARS}
     command = [tool, "-f", str(DEPLOY / "docker-compose.yml"), *args, "config"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)

@@ -50,7 +50,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def _missing(tool: str) -> None:
-    message = f"{tool} is not installed (scripts/install-deploy-tools installs it)"
+    message = f"{tool} is not installed (make system-deps installs it)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
