@@ -36,6 +36,7 @@ from bench.common import (
     QuietWait,
     Sim,
     Verdict,
+    add_quiet_wait,
     caller_headers,
     gateway_config,
     machine_note,
@@ -320,13 +321,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per combo")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     p.add_argument("--inflight-ttl-ms", type=int, default=1000, help="gateway cache setting")
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=15.0,
-        help="seconds, in all, to wait for other processes to leave the cores idle before "
-        "measuring (0: do not wait; default: 15)",
-    )
+    add_quiet_wait(p)
     return p
 
 

@@ -37,6 +37,7 @@ from bench.common import (
     Sim,
     Verdict,
     WrkResult,
+    add_quiet_wait,
     caller_headers,
     free_port,
     gateway_config,
@@ -279,13 +280,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
     p.add_argument("--rounds", type=int, default=2, help="rounds over all targets; best kept")
     p.add_argument("--verbose", action="store_true", help="print every wrk output")
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=15.0,
-        help="seconds, in all, to wait for other processes to leave the cores idle before "
-        "measuring (0: do not wait; default: 15)",
-    )
+    add_quiet_wait(p)
     return p
 
 

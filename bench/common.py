@@ -46,6 +46,7 @@ __all__ = [
     "Sim",
     "Verdict",
     "WrkResult",
+    "add_quiet_wait",
     "caller_headers",
     "free_port",
     "gateway_config",
@@ -694,3 +695,14 @@ def run_bench(
     print()
     print_verdicts(verdicts)
     return 0 if all(v.passed for v in verdicts) else 1
+
+
+def add_quiet_wait(parser: argparse.ArgumentParser) -> None:
+    """The ``--quiet-wait`` option every benchmark takes."""
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=15.0,
+        help="seconds, in all, to wait for other processes to leave the cores idle before "
+        "measuring (0: do not wait; default: 15)",
+    )

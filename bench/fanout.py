@@ -33,6 +33,7 @@ from bench.common import (
     QuietWait,
     Sim,
     Verdict,
+    add_quiet_wait,
     caller_headers,
     gateway_config,
     machine_note,
@@ -228,13 +229,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20, help="uncached rounds (default: 20)")
     p.add_argument("--ids-per-sim", type=int, default=10, help="ids per sim per list")
     p.add_argument("--cached-rounds", type=int, default=200, help="cached-list requests")
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=15.0,
-        help="seconds, in all, to wait for other processes to leave the cores idle before "
-        "measuring (0: do not wait; default: 15)",
-    )
+    add_quiet_wait(p)
     return p
 
 

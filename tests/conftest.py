@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis
 
 from gateway.config import RedisConfig, Secret
 from gateway.store import MemoryStore, RedisStore, Store
@@ -58,3 +59,20 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     redis_store = RedisStore(RedisConfig(url=Secret(server.url)))
     yield redis_store
     await redis_store.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A redis-server of the test's own, which it may stop, freeze or reconfigure."""
+    server = RedisProcess()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
+    """A plain client of the session's redis-server, to look at what the gateway wrote."""
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +88,7 @@ class RedisProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # a test may have frozen it
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None

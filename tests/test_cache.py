@@ -9,7 +9,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -99,24 +99,6 @@ def ids_of(response: httpx.Response) -> list[str]:
 
 def task_key(config: Config, upstream: str, task_id: str) -> str:
     return KeySpace(config.redis.key_prefix).task(upstream, task_id)
-
-
-@pytest.fixture
-def redis_client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    """A redis-server this test may stop or freeze."""
-    server = RedisProcess()
-    server.start()
-    yield server
-    if server.proc is not None:
-        server.proc.send_signal(signal.SIGCONT)
-    server.stop()
 
 
 # -- units: image expiry and TTL ---------------------------------------------------------------

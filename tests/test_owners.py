@@ -4,7 +4,6 @@ store failure is "unknown" on read and never an error on write."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as redis
@@ -21,14 +20,6 @@ TTL_S = 3600
 @pytest.fixture
 def keys() -> KeySpace:
     return KeySpace(f"t{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = RedisProcess()
-    server.start()
-    yield server
-    server.stop()
 
 
 def task_id() -> str:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,22 +97,6 @@ def fetch(client: httpx.Client, task_id: str) -> httpx.Response:
 
 def cache_of(response: httpx.Response) -> tuple[str, str | None]:
     return response.headers["x-cache"], response.headers.get("x-cache-tier")
-
-
-@pytest.fixture
-def redis_client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    """A redis-server of this test's own, whose permissions it may change."""
-    server = RedisProcess()
-    server.start()
-    yield server
-    server.stop()
 
 
 # -- mjgate cache purge ------------------------------------------------------------------------

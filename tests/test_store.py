@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,15 +18,6 @@ from tests.support import RedisProcess
 def prefix() -> str:
     """Keys unique to the test, so tests sharing the session's Redis never see each other."""
     return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    """A redis-server this test may stop."""
-    server = RedisProcess()
-    server.start()
-    yield server
-    server.stop()
 
 
 # --- behavior shared by both stores ----------------------------------------------------------
