@@ -22,7 +22,7 @@ from gateway.metrics import COALESCED, FANOUT_WIDTH, L1_HIT, L1_MISS, STORE_HIT,
 from gateway.middleware import RequestInfo
 from gateway.owners import OwnerMap
 from gateway.tasks import is_not_found, parse_task, parse_task_list
-from gateway.upstreams import Upstream, UpstreamError, UpstreamResponse
+from gateway.upstreams import Upstream, UpstreamError, UpstreamResponse, forwardable
 
 __all__ = [
     "Answer",
@@ -100,7 +100,13 @@ async def call(
     """
     info.upstreams.append(upstream.name)
     response = await upstream.request(
-        method, path, route=route, request_id=info.request_id, body=body, timeout_s=timeout_s
+        method,
+        path,
+        route=route,
+        request_id=info.request_id,
+        body=body,
+        caller_headers=forwardable(info.headers),
+        timeout_s=timeout_s,
     )
     info.upstream_ms += response.elapsed_s * 1000
     if response.status in (401, 403):

@@ -46,6 +46,8 @@ class RequestInfo:
     cache: str = "MISS"
     tier: str = "-"
     route: str = ""
+    # The caller's raw headers, for the few that may be passed on upstream.
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     upstreams: list[str] = field(default_factory=list)
     upstream_ms: float = 0.0
 
@@ -158,6 +160,7 @@ class GatewayMiddleware:
         fast path logs only the access line and binds nothing (each request is its own task,
         with its own context)."""
         info = request_info(scope)
+        info.headers = scope["headers"]
         structlog.contextvars.bind_contextvars(request_id=info.request_id, client=info.client)
         started = False
 

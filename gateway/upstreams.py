@@ -24,6 +24,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamPool",
     "UpstreamResponse",
+    "forwardable",
 ]
 
 # connect/timeout/broken: the upstream failed. open/saturated: the gateway held the request
@@ -112,10 +113,12 @@ class Upstream:
         The circuit breaker and the outbound caps come first; a request they hold back
         fails fast as not sent.
         """
+        headers = [(k, v) for k, v in caller_headers if k in FORWARDED_HEADERS]
+        headers += [("accept", "application/json"), ("x-request-id", request_id), self._auth_header]
+        if body is not None:
+            headers.append(("content-type", "application/json"))
         try:
-            response = await self._request(
-                method, path, request_id, body, caller_headers, timeout_s
-            )
+            response = await self._guarded(method, path, headers, body, timeout_s)
         except UpstreamError as exc:
             UPSTREAM_REQUESTS.labels(self.name, route, exc.kind).inc()
             raise
@@ -124,15 +127,15 @@ class Upstream:
         UPSTREAM_DURATION.labels(self.name, route).observe(response.elapsed_s)
         return response
 
-    async def _request(
+    async def _guarded(
         self,
         method: str,
         path: str,
-        request_id: str,
+        headers: list[tuple[str, str]],
         body: bytes | None,
-        caller_headers: Iterable[tuple[str, str]],
         timeout_s: float | None,
     ) -> UpstreamResponse:
+        """``_send`` behind the circuit breaker and the outbound caps."""
         if not self.breaker.allow():
             detail = "circuit open after repeated failures; not called until it recovers"
             raise UpstreamError(self.name, "open", False, detail)
@@ -146,7 +149,7 @@ class Upstream:
             )
             raise UpstreamError(self.name, "saturated", False, detail) from None
         try:
-            response = await self._send(method, path, request_id, body, caller_headers, timeout_s)
+            response = await self._send(method, path, headers, body, timeout_s)
         finally:
             self.breaker.release_probe()
             await self.caps.release(holder)
@@ -160,15 +163,10 @@ class Upstream:
         self,
         method: str,
         path: str,
-        request_id: str,
+        headers: list[tuple[str, str]],
         body: bytes | None,
-        caller_headers: Iterable[tuple[str, str]],
         timeout_s: float | None,
     ) -> UpstreamResponse:
-        headers = [(k, v) for k, v in caller_headers if k in FORWARDED_HEADERS]
-        headers += [("accept", "application/json"), ("x-request-id", request_id), self._auth_header]
-        if body is not None:
-            headers.append(("content-type", "application/json"))
         started = time.perf_counter()
         try:
             limit = min(timeout_s, self.config.timeout_s) if timeout_s else self.config.timeout_s
@@ -221,6 +219,15 @@ def _describe(kind: FailureKind, sent: bool) -> str:
     if kind == "timeout":
         return "timed out after the request was sent" if sent else "timed out connecting"
     return "connection broke before a complete answer"
+
+
+def forwardable(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The caller's headers that may go upstream, from raw ASGI headers."""
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in raw
+        if name.decode("latin-1") in FORWARDED_HEADERS
+    ]
 
 
 class UpstreamPool:

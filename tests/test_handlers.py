@@ -153,6 +153,26 @@ def test_each_upstream_gets_only_its_own_key_in_its_own_style(
             assert key.encode() not in response.content
 
 
+def test_user_agent_and_accept_language_are_the_only_caller_headers_passed_on(
+    sims: list[SimProcess], gateway: GatewayThread
+) -> None:
+    java = sims[0]
+    task_id = unique_id()
+    java.seed(id=task_id, prompt="forwarded headers")
+    headers = {
+        **caller("alice"),
+        "User-Agent": "dashboard/2.1",
+        "Accept-Language": "zh-CN",
+        "X-Custom-Thing": "hop-marker",
+    }
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=15) as http:
+        assert http.get(f"/mj/task/{task_id}/fetch").status_code == 200
+    seen = [h for h in stats(java)["headers"] if h.get("user-agent") == "dashboard/2.1"]
+    assert seen, stats(java)["headers"]
+    assert seen[-1].get("accept-language") == "zh-CN"
+    assert "x-custom-thing" not in seen[-1]
+
+
 def test_malformed_request_id_is_replaced_and_the_new_one_forwarded(
     sims: list[SimProcess], gateway: GatewayThread
 ) -> None:
