@@ -21,7 +21,7 @@ from gateway.circuit import CircuitBreaker
 from gateway.config import Config, UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.lookup import TaskLookup, UpstreamFailures, call
-from gateway.metrics import CIRCUIT_STATE, CIRCUIT_VALUES, PARTIAL_ANSWERS, SUBMITS
+from gateway.metrics import CIRCUIT_STATE, CIRCUIT_VALUES, L1_HIT, PARTIAL_ANSWERS, SUBMITS
 from gateway.middleware import FastAnswer, RequestInfo, request_info
 from gateway.outbound import OutboundCaps
 from gateway.owners import OwnerMap
@@ -142,7 +142,8 @@ class Handlers:
         allowed = self.pool.allowed(caller(scope).upstreams)
         answer = self.lookup.fetch_cached(match.group(2), self.pool.names(allowed))
         if answer is None or not answer.found:
-            return None
+            return None  # the handler answers it, and counts the L1 miss
+        L1_HIT.inc()
         route = f"{match.group(1)}/mj/task/{{task_id}}/fetch"
         return FastAnswer(answer.body, route, answer.cache, answer.tier)
 
@@ -153,9 +154,7 @@ class Handlers:
         task_id = require_task_id(request.path_params["task_id"])
         info = request_info(request.scope)
         allowed = self._allowed(request)
-        answer = self.lookup.fetch_cached(task_id, self.pool.names(allowed))
-        if answer is None:
-            answer = await self._lookup(self.lookup.fetch(mode, task_id, allowed, info))
+        answer = await self._lookup(self.lookup.fetch(mode, task_id, allowed, info))
         info.cache, info.tier = answer.cache, answer.tier
         if not answer.found:
             raise GatewayError(404, f"task {task_id} not found")

@@ -139,11 +139,7 @@ class TaskLookup:
         if owner not in names:
             return _MISSING_FROM_CACHE
         entry = self.cache.local(owner, task_id)
-        if entry is None:
-            L1_MISS.inc()
-            return None
-        L1_HIT.inc()
-        return Answer.cached(entry, "l1")
+        return Answer.cached(entry, "l1") if entry is not None else None
 
     async def fetch(
         self, mode: str, task_id: str, allowed: Sequence[Upstream], info: RequestInfo
@@ -151,6 +147,7 @@ class TaskLookup:
         """The task from L1, the store or upstream; concurrent misses share one flight."""
         names = frozenset(u.name for u in allowed)
         answer = self.fetch_cached(task_id, names)
+        (L1_HIT if answer is not None and answer.tier == "l1" else L1_MISS).inc()
         if answer is not None:
             return answer
         key = (task_id, names)

@@ -196,3 +196,20 @@ def test_labels_stay_bounded_whatever_ids_are_asked_for(sims: list[SimProcess]) 
     assert "/mj/task/{task_id}/fetch" in routes and "fetch" in routes
     for route in routes:  # a template, a route class or "unmatched"; never a raw path
         assert TEMPLATE.fullmatch(route) or CLASS.fullmatch(route), route
+
+
+def test_each_fetch_counts_one_l1_lookup(sims: list[SimProcess]) -> None:
+    """A miss goes through the fast path, the handler and the lookup: it must count once."""
+    task_id = f"17{uuid.uuid4().int % 10**14:014d}"
+    sims[0].seed(id=task_id, status="SUCCESS")
+
+    def l1(result: str) -> float:
+        labels = {"tier": "l1", "result": result}
+        return REGISTRY.get_sample_value("mjgate_cache_lookups_total", labels) or 0.0
+
+    hits, misses = l1("hit"), l1("miss")
+    with running_gateway(make_config(sims)) as gateway:
+        for _ in range(3):
+            response = httpx.get(f"{gateway.url}/mj/task/{task_id}/fetch", headers=caller())
+            assert response.status_code == 200
+    assert (l1("hit") - hits, l1("miss") - misses) == (2, 1)
