@@ -1,5 +1,6 @@
-# The two commands: `make demo` runs the gateway with two simulated upstreams, `make test`
-# runs the whole test suite. Both create the virtual environment on the way.
+# The two commands: `make demo` runs the gateway with two simulated upstreams (on port 8080,
+# or another: `make demo PORT=9090`), `make test` runs the whole test suite. Both create the
+# virtual environment on the way.
 VENV ?= .venv
 BIN := $(VENV)/bin
 
@@ -12,7 +13,7 @@ $(BIN)/mjgate: pyproject.toml
 	touch $@
 
 demo: $(BIN)/mjgate
-	$(BIN)/mjgate demo
+	$(BIN)/mjgate demo $(if $(PORT),--port $(PORT))
 
 system-deps:
 	scripts/system-deps redis-server redis-sentinel redis-cli docker-compose

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ import yaml
 
 __all__ = [
     "CLIENT_KEY",
+    "GATEWAY_SRC",
     "LOAD_CORE",
     "REPO",
     "SERVER_CORE",
@@ -50,6 +52,7 @@ __all__ = [
     "caller_headers",
     "free_port",
     "gateway_config",
+    "gateway_origin",
     "install_signal_handlers",
     "machine_note",
     "median",
@@ -57,6 +60,7 @@ __all__ = [
     "percentile",
     "pin_self_to_load_core",
     "pinned_child",
+    "positive_int",
     "print_table",
     "print_verdicts",
     "run_bench",
@@ -68,6 +72,9 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
+# The tree whose ``gateway`` package the gateway and sim processes run: this checkout unless
+# MJGATE_BENCH_SRC names another (a worktree of an older commit, for before/after figures).
+GATEWAY_SRC = Path(os.environ.get("MJGATE_BENCH_SRC") or REPO).resolve()
 CLIENT_KEY = "bench-client-key-6f1c2a9e4b7d"
 UPSTREAM_KEY = "bench-upstream-key-3d8e5f0a1c"
 
@@ -160,8 +167,9 @@ class Processes:
         core: int | None,
         stdout: Path | None = None,
         stderr: Path | None = None,
+        cwd: Path = REPO,
     ) -> subprocess.Popen[bytes]:
-        """Run ``args`` pinned to ``core``; stdout/stderr to files or discarded."""
+        """Run ``args`` in ``cwd`` pinned to ``core``; stdout/stderr to files or discarded."""
         files: list[IO[bytes]] = []
 
         def sink(path: Path | None) -> IO[bytes] | int:
@@ -176,7 +184,7 @@ class Processes:
             stdin=subprocess.DEVNULL,
             stdout=sink(stdout),
             stderr=sink(stderr),
-            cwd=REPO,
+            cwd=cwd,
             start_new_session=True,
             preexec_fn=pinned_child(core),
         )
@@ -240,8 +248,8 @@ def _tail(log: Path | None) -> str:
 # -- redis-server ----------------------------------------------------------------------------
 
 
-def start_redis(procs: Processes) -> str:
-    """A throwaway redis-server on the server core, no persistence; returns its URL."""
+def start_redis(procs: Processes, core: int | None = SERVER_CORE) -> str:
+    """A throwaway redis-server (on the server core unless told), no persistence; its URL."""
     binary = need("redis-server")["redis-server"]
     port = free_port()
     directory = procs.workdir / "redis"
@@ -249,7 +257,7 @@ def start_redis(procs: Processes) -> str:
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
     args += ["no", "--dir", str(directory), "--protected-mode", "no"]
     log = procs.workdir / "redis.log"
-    proc = procs.start("redis-server", args, core=SERVER_CORE, stdout=log, stderr=log)
+    proc = procs.start("redis-server", args, core=core, stdout=log, stderr=log)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -327,6 +335,8 @@ class Sim:
         return int(self.stats()["requests"].get("GET /mj/task/{id}/fetch", 0))
 
     def upstream_config(self) -> dict[str, Any]:
+        """This sim as a gateway upstream, its outbound caps far above any benchmark's rate
+        (the caps are taken from the store on every call, but never make a call wait)."""
         return {
             "name": self.name,
             "base_url": self.url,
@@ -334,6 +344,8 @@ class Sim:
             "key": self.key,
             "list_by_ids_path": "/mj/task/list-by-condition",
             "timeout_s": 10,
+            "max_rps": 1_000_000,
+            "max_concurrency": 10_000,
         }
 
 
@@ -344,15 +356,16 @@ def start_sim(
     latency_ms: float = 0.0,
     task_seconds: float | None = None,
     key: str = UPSTREAM_KEY,
+    core: int | None = SERVER_CORE,
 ) -> Sim:
-    """``python -m gateway sim`` on the server core."""
+    """``python -m gateway sim`` (from ``GATEWAY_SRC``) on the server core unless told."""
     port = free_port()
     args = [sys.executable, "-m", "gateway", "sim", "--port", str(port), "--flavor", "java"]
     args += ["--key", key, "--latency-ms", str(latency_ms), "--seed", "7"]
     if task_seconds is not None:
         args += ["--task-seconds", str(task_seconds)]
     log = procs.workdir / f"sim-{name}.log"
-    proc = procs.start(f"sim {name}", args, core=SERVER_CORE, stdout=log, stderr=log)
+    proc = procs.start(f"sim {name}", args, core=core, stdout=log, stderr=log, cwd=GATEWAY_SRC)
     sim = Sim(name, port, key)
     wait_http(f"{sim.url}/_sim/health", proc, f"sim {name}", log=log)
     return sim
@@ -420,16 +433,18 @@ class Gateway:
 
 
 def start_gateway(procs: Processes, name: str, config: Mapping[str, Any]) -> Gateway:
-    """``python -m gateway serve --config FILE`` on the server core (one process, uvicorn
-    with uvloop and httptools). Its stdout, the JSON log, goes to a file: writing the log
-    is part of the cost being measured."""
+    """``python -m gateway serve --config FILE`` (from ``GATEWAY_SRC``) on the server core (one
+    process, uvicorn with uvloop and httptools). Its stdout, the JSON log, goes to a file:
+    writing the log is part of the cost being measured."""
     port = free_port()
     config_file = procs.workdir / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(dict(config), sort_keys=False))
     log, errors = procs.workdir / f"{name}.log", procs.workdir / f"{name}.err"
     args = [sys.executable, "-m", "gateway", "serve", "--config", str(config_file)]
     args += ["--port", str(port)]
-    proc = procs.start(f"gateway {name}", args, core=SERVER_CORE, stdout=log, stderr=errors)
+    proc = procs.start(
+        f"gateway {name}", args, core=SERVER_CORE, stdout=log, stderr=errors, cwd=GATEWAY_SRC
+    )
     wait_http(f"http://127.0.0.1:{port}/readyz", proc, f"gateway {name}", log=errors)
     return Gateway(name, port, log, proc)
 
@@ -465,11 +480,15 @@ def run_wrk(
     duration_s: float,
     connections: int,
     threads: int = 1,
+    script: Path | None = None,
 ) -> WrkResult:
-    """One wrk run pinned to the load core, with its latency distribution."""
+    """One wrk run pinned to the load core, with its latency distribution; ``script`` is a
+    wrk Lua script (its ``request()`` picks each request's path)."""
     binary = need("wrk")["wrk"]
     args = [binary, f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--latency"]
     args += ["--timeout", "5s"]
+    if script is not None:
+        args += ["-s", str(script)]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
     args.append(url)
@@ -543,7 +562,7 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One target of issue 3 and how this run did against it."""
+    """One target (of issues 3 and 11) and how this run did against it."""
 
     bench: str
     target: str
@@ -559,6 +578,23 @@ def print_verdicts(verdicts: Sequence[Verdict]) -> None:
         print(verdict.line())
 
 
+@functools.cache
+def gateway_origin() -> Path:
+    """Where ``python -m gateway`` run from ``GATEWAY_SRC`` imports the package from; a
+    BenchError if not from ``GATEWAY_SRC`` (the figures would be another tree's)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import gateway; print(gateway.__file__)"],
+        cwd=GATEWAY_SRC,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    origin = Path(done.stdout.strip()).parent
+    if done.returncode != 0 or not origin.is_relative_to(GATEWAY_SRC):
+        raise BenchError(f"gateway is imported from {origin}, not {GATEWAY_SRC}: {done.stderr}")
+    return origin
+
+
 def machine_note() -> str:
     """Cores, pinning and load: the context every figure needs (the CPU line printed under
     each table says whether other processes competed while measuring)."""
@@ -569,7 +605,8 @@ def machine_note() -> str:
         else "one core only: no pinning, servers and load generator share it"
     )
     return (
-        f"{os.cpu_count()} cores ({pinning}); load average {load1:.2f} (1 min), {load5:.2f} (5 min)"
+        f"{os.cpu_count()} cores ({pinning}); load average {load1:.2f} (1 min), {load5:.2f} "
+        f"(5 min); gateway code: {gateway_origin()}"
     )
 
 
@@ -695,6 +732,14 @@ def run_bench(
     print()
     print_verdicts(verdicts)
     return 0 if all(v.passed for v in verdicts) else 1
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
 
 
 def add_quiet_wait(parser: argparse.ArgumentParser) -> None:

@@ -1,9 +1,11 @@
-"""Where a cached fetch spends the gateway's CPU: py-spy on the gateway under wrk load.
+"""Where a fetch spends the gateway's CPU: py-spy on the gateway under wrk load.
 
 ``python -m bench profile`` starts redis-server, a sim and the gateway exactly as
 ``bench/cache_fetch.py`` does (JSON log to a file; ``--log-level warning`` for the quiet
 variant), warms one finished task into L1, drives ``GET /mj/task/{id}/fetch`` with wrk, and
-samples the gateway with ``py-spy record`` meanwhile. It prints:
+samples the gateway with ``py-spy record`` meanwhile. ``--scenario miss`` profiles the miss
+path instead, set up as ``bench/miss_fetch.py`` does (running tasks round-robin,
+``inflight_ttl_ms: 1``, the sim and redis-server on the load core). It prints:
 
 - CPU by module: each sample charged to the innermost Python frame's file (a frame of
   ``asyncio/runners.py`` or ``uvicorn/_compat.py`` is C code below Python: uvloop's loop,
@@ -31,7 +33,9 @@ import httpx
 
 from bench.common import (
     LOAD_CORE,
+    SERVER_CORE,
     BenchError,
+    Gateway,
     Processes,
     QuietWait,
     caller_headers,
@@ -47,6 +51,7 @@ from bench.common import (
     start_redis,
     start_sim,
 )
+from bench.miss_fetch import start_miss_setup
 
 __all__ = ["Profile", "main", "read_profile"]
 
@@ -97,25 +102,40 @@ def read_profile(path: Path) -> Profile:
     return Profile(stacks)
 
 
+def start_cached(procs: Processes, log_level: str) -> Gateway:
+    """The gateway with one finished task in L1; its URL for that task's fetch."""
+    redis_url = start_redis(procs)
+    sim = start_sim(procs, "main")
+    sim.seed({"id": TASK_ID, "status": "SUCCESS", "prompt": "a lighthouse at dusk"})
+    gateway = start_gateway(procs, "mjgate", gateway_config([sim], redis_url, log_level=log_level))
+    url = f"{gateway.url}/mj/task/{TASK_ID}/fetch"
+    for _ in range(2):
+        response = httpx.get(url, headers=caller_headers(), timeout=10)
+    if response.headers.get("x-cache-tier") != "l1":
+        raise BenchError(f"the task is not an L1 hit: {dict(response.headers)}")
+    return gateway
+
+
 def run(args: argparse.Namespace) -> Profile:
     need("wrk", "redis-server")
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         raise BenchError("py-spy is not installed: .venv/bin/pip install py-spy")
-    print(f"== profile: cached fetch, logging.level {args.log_level}")
+    what = "cached fetch" if args.scenario == "cache" else "miss path"
+    print(f"== profile: {what}, logging.level {args.log_level}")
     print(machine_note())
     with Processes() as procs:
-        redis_url = start_redis(procs)
-        sim = start_sim(procs, "main")
-        sim.seed({"id": TASK_ID, "status": "SUCCESS", "prompt": "a lighthouse at dusk"})
-        config = gateway_config([sim], redis_url, log_level=args.log_level)
-        gateway = start_gateway(procs, "mjgate", config)
-        url = f"{gateway.url}/mj/task/{TASK_ID}/fetch"
-        for _ in range(2):
-            response = httpx.get(url, headers=caller_headers(), timeout=10)
-        if response.headers.get("x-cache-tier") != "l1":
-            raise BenchError(f"the task is not an L1 hit: {dict(response.headers)}")
-        run_wrk(url, headers=caller_headers(), duration_s=2, connections=args.connections)
+        script: Path | None = None
+        if args.scenario == "miss":
+            helpers = LOAD_CORE if args.helpers_core == "load" else SERVER_CORE
+            setup = start_miss_setup(procs, args.tasks, helpers, args.log_level)
+            gateway, script = setup.gateway, setup.script
+            url = f"{gateway.url}/"
+        else:
+            gateway = start_cached(procs, args.log_level)
+            url = f"{gateway.url}/mj/task/{TASK_ID}/fetch"
+        connections = args.connections or (50 if args.scenario == "miss" else 64)
+        run_wrk(url, headers=caller_headers(), duration_s=2, connections=connections, script=script)
         QuietWait(args.quiet_wait).wait()
         out = procs.workdir / "profile.txt"
         command = [spy, "record", "--pid", str(gateway.proc.pid), "--rate", str(args.rate)]
@@ -133,7 +153,8 @@ def run(args: argparse.Namespace) -> Profile:
                 url,
                 headers=caller_headers(),
                 duration_s=args.duration + 1,
-                connections=args.connections,
+                connections=connections,
+                script=script,
             )
             _, errors = sampler.communicate(timeout=args.duration + 30)
         finally:
@@ -177,10 +198,15 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--scenario", default="cache", choices=["cache", "miss"])
     p.add_argument("--log-level", default="info", choices=["info", "warning"])
     p.add_argument("--duration", type=float, default=10.0, help="seconds sampled")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    p.add_argument("--connections", type=int, default=64, help="wrk connections")
+    p.add_argument(
+        "--connections", type=int, default=0, help="wrk connections (default: 64; miss: 50)"
+    )
+    p.add_argument("--tasks", type=int, default=300, help="miss: running tasks, round-robin")
+    p.add_argument("--helpers-core", choices=["load", "server"], default="load", help="miss")
     p.add_argument("--top", type=int, default=25, help="rows per table")
     p.add_argument(
         "--nonblocking",

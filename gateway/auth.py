@@ -49,10 +49,10 @@ def extract_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 
 
 class ClientRegistry:
-    """Looks callers up by the digest of their key."""
+    """Looks callers up by the digest of their key (any of a client's keys)."""
 
     def __init__(self, config: Config) -> None:
-        self._by_digest = {c.key_sha256: c for c in config.clients}
+        self._by_digest = {d: c for c in config.clients for d in c.key_sha256s}
         self._allow_anonymous = config.allow_anonymous
         # Keys already seen to be valid, so the digest is computed once per key, not per
         # request. Only known keys are kept: a caller spraying random keys cannot grow it.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import struct
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +23,12 @@ import orjson
 import structlog
 
 from gateway.config import CacheConfig
+from gateway.errors import StoreError
+from gateway.lru import LRU
 from gateway.metrics import TASK_DURATION, TASKS_FINISHED
 from gateway.owners import OwnerMap
-from gateway.store import KeySpace, Store, StoreError
-from gateway.tasks import TERMINAL
+from gateway.protocol import TERMINAL
+from gateway.store import KeySpace, Store
 
 __all__ = [
     "CachedTask",
@@ -86,46 +87,6 @@ def terminal_ttl_s(task: dict[str, Any], config: CacheConfig, now: float) -> flo
     return ttl
 
 
-class _L1:
-    """The in-process tier: an LRU bounded both by entry count and by body bytes."""
-
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
-        self._data: OrderedDict[tuple[str, str], CachedTask] = OrderedDict()
-        self._bytes = 0
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def get(self, upstream: str, task_id: str, now: float) -> CachedTask | None:
-        key = (upstream, task_id)
-        entry = self._data.get(key)
-        if entry is None:
-            return None
-        if entry.expires_at <= now:
-            self.pop(upstream, task_id)
-            return None
-        self._data.move_to_end(key)
-        return entry
-
-    def put(self, task_id: str, entry: CachedTask) -> None:
-        size = len(entry.body)
-        if self.max_entries <= 0 or size > self.max_bytes:
-            return
-        self.pop(entry.upstream, task_id)
-        self._data[(entry.upstream, task_id)] = entry
-        self._bytes += size
-        while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
-            _, evicted = self._data.popitem(last=False)
-            self._bytes -= len(evicted.body)
-
-    def pop(self, upstream: str, task_id: str) -> None:
-        entry = self._data.pop((upstream, task_id), None)
-        if entry is not None:
-            self._bytes -= len(entry.body)
-
-
 class TaskCache:
     """Reads and writes both tiers. Store failures are logged and count as misses."""
 
@@ -134,11 +95,17 @@ class TaskCache:
         self.keys = keys
         self.config = config
         self.owners = owners
-        self.l1 = _L1(config.l1_max_entries, config.l1_max_bytes)
+        self.l1: LRU[tuple[str, str], CachedTask] = LRU(
+            config.l1_max_entries, config.l1_max_bytes, lambda entry: len(entry.body)
+        )
 
     def local(self, upstream: str, task_id: str) -> CachedTask | None:
         """The L1 entry, if fresh. No I/O: this is the hot path of a cached fetch."""
-        return self.l1.get(upstream, task_id, time.monotonic())
+        entry = self.l1.get((upstream, task_id))
+        if entry is not None and entry.expires_at <= time.monotonic():
+            self.l1.pop((upstream, task_id))
+            return None
+        return entry
 
     async def read(self, task_ids: Sequence[str], upstreams: Sequence[str]) -> dict[str, StoreView]:
         """One store round trip for many ids: owner, not-found mark and cached body of each.
@@ -188,7 +155,7 @@ class TaskCache:
         terminal = mark == _TERMINAL_MARK
         ttl_s = min(left_s, self.config.l1_ttl_s) if terminal else left_s
         entry = CachedTask(upstream, value[_HEADER.size :], terminal, now + ttl_s)
-        self.l1.put(task_id, entry)
+        self.l1.set((entry.upstream, task_id), entry)
         return entry
 
     async def put_tasks(self, answers: Iterable[tuple[str, dict[str, Any], bytes]]) -> None:
@@ -208,7 +175,8 @@ class TaskCache:
                 mark, l1_ttl = _RUNNING_MARK, ttl_s
             if ttl_s <= 0:
                 continue
-            self.l1.put(task_id, CachedTask(upstream, body, mark == _TERMINAL_MARK, now + l1_ttl))
+            entry = CachedTask(upstream, body, mark == _TERMINAL_MARK, now + l1_ttl)
+            self.l1.set((upstream, task_id), entry)
             header = _HEADER.pack(mark, int((now_wall + ttl_s) * 1000))
             by_ttl.setdefault(int(ttl_s * 1000), {})[self.keys.task(upstream, task_id)] = (
                 header + body
@@ -237,7 +205,7 @@ class TaskCache:
         keys: list[str] = []
         for task_id in task_ids:
             for upstream in upstreams:
-                self.l1.pop(upstream, task_id)
+                self.l1.pop((upstream, task_id))
                 keys.append(self.keys.task(upstream, task_id))
             keys.append(self.keys.not_found(task_id))
         try:

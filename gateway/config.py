@@ -17,6 +17,7 @@ __all__ = [
     "ClientConfig",
     "Config",
     "ConfigError",
+    "CorsConfig",
     "FanoutConfig",
     "LoggingConfig",
     "MetricsConfig",
@@ -68,10 +69,27 @@ def hash_key(key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsConfig:
+    """Browser origins allowed to call the gateway; ``("*",)`` allows every origin."""
+
+    allow_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """How the gateway listens. ``secret_key`` signs the URLs the gateway hands out;
+    ``public_url`` (no trailing slash; empty when unset) is where callers reach it."""
+
     host: str = "0.0.0.0"
     port: int = 8080
-    max_body_bytes: int = 10 * 1024 * 1024
+    # The C# upstream accepts bodies of about 30 MB: a blend of two phone photos fits.
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    cors: CorsConfig = CorsConfig()
+    secret_key: Secret = field(default_factory=lambda: Secret(""))
+    public_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +118,8 @@ class RedisConfig:
 class UpstreamConfig:
     name: str
     base_url: str
-    auth: Literal["mj-api-secret", "bearer"]
     key: Secret
+    auth: Literal["mj-api-secret", "bearer"] = "mj-api-secret"  # how it wants its key
     list_by_ids_path: str = "/mj/task/list-by-condition"
     supports_query: bool = False
     weight: float = 1.0
@@ -110,6 +128,8 @@ class UpstreamConfig:
     max_concurrency: int = 32
     # How long a request may wait for the outbound caps before it fails as saturated.
     queue_timeout_s: float = 2.0
+    # The most bytes (after decompression) accepted in one answer; task JSON is far smaller.
+    max_response_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,22 +153,32 @@ class RateLimit:
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    rps: float
-    burst: int
+    rps: float = 10.0
+    burst: int = 20
 
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
+    """A caller. It may hold several keys at once (``key_sha256`` and
+    ``extra_key_sha256s``), so a key can be rotated without downtime."""
+
     name: str
-    key_sha256: str
+    key_sha256: str  # the digest of the client's first key
     rate_limit: RateLimit | None = None
     upstreams: tuple[str, ...] | None = None
     admin: bool = False  # may use the /admin/... routes (cache purge)
+    extra_key_sha256s: tuple[str, ...] = ()
+
+    @property
+    def key_sha256s(self) -> tuple[str, ...]:
+        """The digest of every key this client may present."""
+        first = (self.key_sha256,) if self.key_sha256 else ()
+        return (*first, *self.extra_key_sha256s)
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitConfig:
-    default: RateLimit = RateLimit(rps=10.0, burst=20)
+    default: RateLimit = field(default_factory=lambda: RateLimit(Bucket().rps, Bucket().burst))
     on_store_error: Literal["allow", "deny"] = "allow"
 
 
@@ -215,6 +245,8 @@ def redacted(config: Config) -> dict[str, Any]:
     """The resolved config as plain data with every secret replaced, for display."""
     data: dict[str, Any] = _plain(config)
     data["redis"]["url"] = _redact_url(config.redis.url.reveal())
+    # As written in a config file, so the output can be pasted back.
+    data["redis"]["sentinels"] = [f"{host}:{port}" for host, port in config.redis.sentinels]
     return data
 
 
@@ -229,9 +261,18 @@ def _plain(value: Any) -> Any:
 
 
 def _redact_url(url: str) -> str:
+    """The URL with its password hidden, whether in the netloc or (as redis-py also reads
+    it) in a ``password=`` query parameter."""
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{user}<redacted>@{host}").geturl()
+    if parts.password:
+        user = f"{parts.username}:" if parts.username else ":"
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{user}<redacted>@{host}")
+    if parts.query:
+        fields = (item.partition("=") for item in parts.query.split("&"))
+        query = "&".join(
+            f"{name}=<redacted>" if name.lower() == "password" else f"{name}{eq}{value}"
+            for name, eq, value in fields
+        )
+        parts = parts._replace(query=query)
+    return parts.geturl()

@@ -2,11 +2,14 @@
 validation into the frozen types of ``gateway.config``.
 
 Every problem found is reported at once, one line each, naming the YAML path:
-``upstreams[1].auth: must be mj-api-secret or bearer``.
+``upstreams[1].auth: must be mj-api-secret or bearer``. Defaults live only in the dataclasses
+of ``gateway.config``: a value the file leaves out (or gets wrong) is not passed on, so the
+dataclass supplies its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -23,6 +26,7 @@ from gateway.config import (
     ClientConfig,
     Config,
     ConfigError,
+    CorsConfig,
     FanoutConfig,
     LoggingConfig,
     MetricsConfig,
@@ -34,6 +38,7 @@ from gateway.config import (
     UpstreamConfig,
     hash_key,
 )
+from gateway.weakkeys import is_weak_digest
 
 __all__ = ["CLIENT_NAME", "config_from_dict", "load_config"]
 
@@ -42,8 +47,18 @@ CLIENT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 PASSTHROUGH_PATH = re.compile(r"^/mj[a-z-]*/[A-Za-z0-9/_.-]+$")
 KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+HOST = re.compile(r"^[A-Za-z0-9_.-]+$")
 LIST_PATHS = ("/mj/task/list-by-condition", "/mj/task/list-by-ids")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# One interpolation token: an escaped $, a well-formed ${VAR} or ${VAR:-default}, or the start
+# of a malformed one (an unclosed ${, or $VAR without braces).
+_TOKEN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{|\$[A-Za-z_]")
+_UNCLOSED = "has an unclosed or malformed ${...}: write ${VAR} or ${VAR:-default}"
+_UNBRACED = "has $NAME without braces, which is not interpolated: write ${NAME}, or $$ for a $"
+# A signing key shorter than this can be found by trying.
+_MIN_SECRET_KEY = 32
+
+T = TypeVar("T")
+Convert = Callable[[Any], Any]
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -69,11 +84,10 @@ def config_from_dict(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed config document (``${VAR}`` still allowed in strings)."""
     problems: list[str] = []
     data = _interpolate(data, "", os.environ if env is None else env, problems)
-    reader = _Reader(problems, unset=frozenset(p.split(":", 1)[0] for p in problems))
+    reader = _Reader(problems, reported=frozenset(p.split(":", 1)[0] for p in problems))
     config = reader.config(data)
     if problems:
-        raise ConfigError(problems)
-    assert config is not None
+        raise ConfigError(list(dict.fromkeys(problems)))
     return config
 
 
@@ -82,40 +96,52 @@ def _interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[st
         return {k: _interpolate(v, _join(path, str(k)), env, problems) for k, v in node.items()}
     if isinstance(node, list):
         return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
-    if not isinstance(node, str) or "${" not in node:
+    if not isinstance(node, str) or "$" not in node:
         return node
+    where = path or "<root>"
 
     def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
+        token, name, default = match.group(0, 1, 2)
+        if token == "$$":
+            return "$"
+        if name is None:
+            problems.append(f"{where}: {_UNCLOSED if token == '${' else _UNBRACED}")
+            return token
         value = env.get(name)
         if value:
             return value
         if default is not None:
             return default
         if value is None:
-            problems.append(f"{path or '<root>'}: environment variable {name} is not set")
+            problems.append(f"{where}: environment variable {name} is not set")
         return ""
 
-    return _VAR.sub(substitute, node)
+    return _TOKEN.sub(substitute, node)
 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-T = TypeVar("T")
+class _Problems(ValueError):
+    """Problems below a value's path, as (suffix, message) pairs: ``("[2]", "must be ...")``."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__(problems[0][1])
+        self.problems = problems
 
 
 class _Reader:
     """Walks the document, converting values and recording problems with their paths."""
 
-    def __init__(self, problems: list[str], unset: frozenset[str]) -> None:
+    def __init__(self, problems: list[str], reported: frozenset[str]) -> None:
         self.problems = problems
-        # Paths whose ${VAR} was unset: already reported, so not reported again as empty.
-        self.unset = unset
+        # Paths whose ${VAR} could not be resolved: already reported, so not reported again
+        # (as empty, say).
+        self.reported = reported
 
     def fail(self, path: str, message: str) -> None:
-        if any(p == path or p.startswith((f"{path}.", f"{path}[")) for p in self.unset):
+        if any(p == path or p.startswith((f"{path}.", f"{path}[")) for p in self.reported):
             return
         self.problems.append(f"{path}: {message}")
 
@@ -132,28 +158,34 @@ class _Reader:
                 )
         return node
 
-    def value(
-        self,
-        node: dict[str, Any],
-        path: str,
-        key: str,
-        convert: Callable[[Any], T],
-        default: T,
-        check: Callable[[T], str | None] | None = None,
-    ) -> T:
-        if key not in node or node[key] is None:
-            return default
+    def read(
+        self, node: Mapping[str, Any], path: str, key: str, convert: Callable[[Any], T]
+    ) -> T | None:
+        """``node[key]`` converted; None when it is absent or invalid (then reported)."""
+        raw = node.get(key)
+        if raw is None:
+            return None
         where = _join(path, key)
         try:
-            result = convert(node[key])
+            return convert(raw)
+        except _Problems as exc:
+            for suffix, message in exc.problems:
+                self.fail(where + suffix, message)
         except (TypeError, ValueError) as exc:
             self.fail(where, str(exc))
-            return default
-        message = check(result) if check else None
-        if message:
-            self.fail(where, message)
-            return default
-        return result
+        return None
+
+    def fields(
+        self, node: Mapping[str, Any], path: str, rules: Mapping[str, Convert]
+    ) -> dict[str, Any]:
+        """The values of ``rules`` that ``node`` sets validly, converted, for a dataclass."""
+        values = {key: self.read(node, path, key, convert) for key, convert in rules.items()}
+        return {key: value for key, value in values.items() if value is not None}
+
+    def section(
+        self, node: Any, path: str, cls: Callable[..., T], rules: Mapping[str, Convert]
+    ) -> T:
+        return cls(**self.fields(self.mapping(node, path, tuple(rules)), path, rules))
 
     def required(self, node: dict[str, Any], path: str, key: str) -> str:
         value = node.get(key)
@@ -165,71 +197,38 @@ class _Reader:
             return ""
         return str(value)
 
-    def config(self, data: Any) -> Config | None:
-        root = self.mapping(data, "", _ROOT_KEYS)
+    def config(self, data: Any) -> Config:
+        root = self.mapping(data, "", (*_SECTIONS, *_ROOT))
         upstreams = self.upstreams(root.get("upstreams"))
-        names = {u.name for u in upstreams}
-        clients = self.clients(root.get("clients"), names)
-        allow_anonymous = self.value(root, "", "allow_anonymous", _to_bool, False)
-        if not clients and not allow_anonymous:
-            self.fail("clients", "no clients configured; add one or set allow_anonymous: true")
-        return Config(
+        config = Config(
             upstreams=upstreams,
-            clients=clients,
-            allow_anonymous=allow_anonymous,
+            clients=self.clients(root.get("clients"), {u.name for u in upstreams}),
             server=self.server(root.get("server")),
             redis=self.redis(root.get("redis")),
-            rate_limit=self.rate_limit_section(root.get("rate_limit")),
-            cache=self.cache(root.get("cache")),
-            fanout=self.fanout(root.get("fanout")),
-            passthrough=self.passthrough(root.get("passthrough")),
-            circuit=self.circuit(root.get("circuit")),
-            metrics=self.metrics(root.get("metrics")),
-            logging=self.logging(root.get("logging")),
+            rate_limit=self.rate_limit(root.get("rate_limit")),
+            cache=self.section(root.get("cache"), "cache", CacheConfig, _CACHE),
+            fanout=self.section(root.get("fanout"), "fanout", FanoutConfig, _FANOUT),
+            circuit=self.section(root.get("circuit"), "circuit", CircuitConfig, _CIRCUIT),
+            metrics=self.section(root.get("metrics"), "metrics", MetricsConfig, _METRICS),
+            logging=self.section(root.get("logging"), "logging", LoggingConfig, _LOGGING),
+            **self.fields(root, "", _ROOT),
         )
+        if not config.clients and not config.allow_anonymous:
+            self.fail("clients", "no clients configured; add one or set allow_anonymous: true")
+        return config
 
     def server(self, node: Any) -> ServerConfig:
-        m = self.mapping(node, "server", ("host", "port", "max_body_bytes"))
-        return ServerConfig(
-            host=self.value(m, "server", "host", str, "0.0.0.0"),
-            port=self.value(m, "server", "port", _to_int, 8080, _between(1, 65535)),
-            max_body_bytes=self.value(
-                m, "server", "max_body_bytes", _to_int, 10 * 1024 * 1024, _at_least(1)
-            ),
-        )
+        m = self.mapping(node, "server", (*_SERVER, "cors"))
+        cors = self.section(m.get("cors"), "server.cors", CorsConfig, _CORS)
+        if "*" in cors.allow_origins and len(cors.allow_origins) > 1:
+            self.fail("server.cors.allow_origins", '"*" allows every origin: list it alone')
+        return ServerConfig(cors=cors, **self.fields(m, "server", _SERVER))
 
     def redis(self, node: Any) -> RedisConfig:
-        m = self.mapping(node, "redis", tuple(RedisConfig.__dataclass_fields__))
-        url = self.value(m, "redis", "url", str, "", _redis_url)
-        cluster = self.value(m, "redis", "cluster", _to_bool, False)
-        sentinels = self.sentinels(m.get("sentinels"))
-        if cluster and (sentinels or not url):
+        redis = self.section(node, "redis", RedisConfig, _REDIS)
+        if redis.cluster and (redis.sentinels or not redis.url.reveal()):
             self.fail("redis.cluster", "needs redis.url (one cluster node) and no sentinels")
-        return RedisConfig(
-            cluster=cluster,
-            sentinels=sentinels,
-            service_name=self.value(m, "redis", "service_name", str, "mymaster"),
-            url=Secret(url),
-            key_prefix=self.value(m, "redis", "key_prefix", str, "mjgate", _matches(KEY_PREFIX)),
-            socket_timeout_s=self.value(m, "redis", "socket_timeout_s", _to_float, 0.25, _positive),
-            max_connections=self.value(m, "redis", "max_connections", _to_int, 64, _at_least(1)),
-            pool_timeout_s=self.value(m, "redis", "pool_timeout_s", _to_float, 0.5, _positive),
-        )
-
-    def sentinels(self, node: Any) -> tuple[tuple[str, int], ...]:
-        if node is None:
-            return ()
-        if not isinstance(node, list):
-            self.fail("redis.sentinels", "must be a list of host:port entries")
-            return ()
-        result: list[tuple[str, int]] = []
-        for index, item in enumerate(node):
-            host, _, port = str(item).rpartition(":")
-            if not host or not port.isdigit():
-                self.fail(f"redis.sentinels[{index}]", "must be host:port")
-                continue
-            result.append((host, int(port)))
-        return tuple(result)
+        return redis
 
     def upstreams(self, node: Any) -> tuple[UpstreamConfig, ...]:
         if not isinstance(node, list) or not node:
@@ -241,31 +240,23 @@ class _Reader:
             if any(u.name == upstream.name for u in result):
                 self.fail(f"upstreams[{index}].name", f"duplicate upstream name {upstream.name!r}")
             result.append(upstream)
+        if all(u.weight == 0 for u in result):
+            self.fail("upstreams", "every upstream has weight 0, so none takes new submits")
         return tuple(result)
 
     def upstream(self, node: Any, path: str) -> UpstreamConfig:
-        m = self.mapping(node, path, _UPSTREAM_KEYS)
+        m = self.mapping(node, path, ("name", "base_url", "key", *_UPSTREAM))
         name = self.required(m, path, "name")
         if name and not UPSTREAM_NAME.match(name):
             self.fail(f"{path}.name", "must match [a-z0-9_-]+")
         base_url = self.required(m, path, "base_url")
-        if base_url and (message := _http_url(base_url)):
+        if base_url and (message := _http_url(base_url, "; put the key in key:")):
             self.fail(f"{path}.base_url", message)
-        auth = self.value(m, path, "auth", str, "mj-api-secret", _one_of("mj-api-secret", "bearer"))
         return UpstreamConfig(
             name=name,
             base_url=base_url.rstrip("/"),
-            auth="bearer" if auth == "bearer" else "mj-api-secret",
             key=Secret(self.required(m, path, "key")),
-            list_by_ids_path=self.value(
-                m, path, "list_by_ids_path", str, LIST_PATHS[0], _one_of(*LIST_PATHS)
-            ),
-            supports_query=self.value(m, path, "supports_query", _to_bool, False),
-            weight=self.value(m, path, "weight", _to_float, 1.0, _at_least(0)),
-            timeout_s=self.value(m, path, "timeout_s", _to_float, 15.0, _positive),
-            max_rps=self.value(m, path, "max_rps", _to_float, 20.0, _positive),
-            max_concurrency=self.value(m, path, "max_concurrency", _to_int, 32, _at_least(1)),
-            queue_timeout_s=self.value(m, path, "queue_timeout_s", _to_float, 2.0, _at_least(0)),
+            **self.fields(m, path, _UPSTREAM),
         )
 
     def clients(self, node: Any, upstream_names: set[str]) -> tuple[ClientConfig, ...]:
@@ -275,152 +266,150 @@ class _Reader:
             self.fail("clients", "must be a list")
             return ()
         result: list[ClientConfig] = []
+        holders: dict[str, tuple[str, str]] = {}  # digest -> (its path, its client's name)
         for index, item in enumerate(node):
             path = f"clients[{index}]"
-            client = self.client(item, path, upstream_names)
+            client, digests = self.client(item, path, upstream_names)
             if any(c.name == client.name for c in result):
                 self.fail(f"{path}.name", f"duplicate client name {client.name!r}")
-            if client.key_sha256 and any(c.key_sha256 == client.key_sha256 for c in result):
-                self.fail(path, "uses the same key as another client")
+            for where, digest in digests:
+                if digest not in holders:
+                    holders[digest] = (where, client.name)
+                    continue
+                other, other_name = holders[digest]
+                self.fail(
+                    where,
+                    f"client {client.name!r} has the same key as {other} (client {other_name!r})",
+                )
             result.append(client)
         return tuple(result)
 
-    def client(self, node: Any, path: str, upstream_names: set[str]) -> ClientConfig:
-        keys = ("name", "key", "key_sha256", "rate_limit", "upstreams", "admin")
-        m = self.mapping(node, path, keys)
+    def client(
+        self, node: Any, path: str, upstream_names: set[str]
+    ) -> tuple[ClientConfig, list[tuple[str, str]]]:
+        """The client, and each of its key digests with the path it was given at."""
+        m = self.mapping(node, path, _CLIENT_KEYS)
         name = self.required(m, path, "name")
         if name and not CLIENT_NAME.match(name):
             self.fail(f"{path}.name", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
-        digest = self.client_digest(m, path)
-        allowed: tuple[str, ...] | None = None
-        if m.get("upstreams") is not None:
-            raw = m["upstreams"]
-            if not isinstance(raw, list) or not all(isinstance(u, str) for u in raw):
-                self.fail(f"{path}.upstreams", "must be a list of upstream names")
-            else:
-                for unknown in sorted(set(raw) - upstream_names):
-                    self.fail(f"{path}.upstreams", f"unknown upstream {unknown!r}")
-                allowed = tuple(dict.fromkeys(raw))
-        limit = None
-        if m.get("rate_limit") is not None:
-            limit = self.limit(m["rate_limit"], f"{path}.rate_limit")
-        admin = self.value(m, path, "admin", _to_bool, False)
-        return ClientConfig(name, digest, rate_limit=limit, upstreams=allowed, admin=admin)
+        digests = self.digests(m, path, name)
+        first, *extra = [digest for _, digest in digests] or [""]
+        client = ClientConfig(
+            name=name,
+            key_sha256=first,
+            extra_key_sha256s=tuple(extra),
+            rate_limit=self.limit(m.get("rate_limit"), f"{path}.rate_limit"),
+            upstreams=self.allow_list(m.get("upstreams"), f"{path}.upstreams", upstream_names),
+            **self.fields(m, path, _CLIENT),
+        )
+        return client, digests
 
-    def client_digest(self, m: dict[str, Any], path: str) -> str:
-        key, digest = m.get("key"), m.get("key_sha256")
-        if key and digest:
-            self.fail(path, "set key or key_sha256, not both")
-        elif key:
-            return hash_key(str(key))
-        elif digest:
-            digest = str(digest).lower()
-            if SHA256_HEX.match(digest):
-                return digest
-            self.fail(f"{path}.key_sha256", "must be 64 hex digits (see: mjgate hash-key)")
+    def digests(self, m: dict[str, Any], path: str, client: str) -> list[tuple[str, str]]:
+        """Every valid key a client holds, as (path, digest): from ``key``, ``key_sha256`` and
+        the lists ``keys`` and ``key_sha256s``, in any combination."""
+        entries: list[tuple[str, Any, bool]] = [
+            (f"{path}.{field}", m[field], field == "key_sha256")
+            for field in ("key", "key_sha256")
+            if m.get(field) not in (None, "")
+        ]
+        bad_list = False
+        for field in ("keys", "key_sha256s"):
+            raw = m.get(field)
+            if raw is not None and not isinstance(raw, list):
+                self.fail(f"{path}.{field}", "must be a list")
+                bad_list = True
+            elif raw is not None:
+                is_digest = field == "key_sha256s"
+                entries += [(f"{path}.{field}[{i}]", v, is_digest) for i, v in enumerate(raw)]
+        if not entries and not bad_list:
+            self.fail(path, "needs a key: key, keys, key_sha256 or key_sha256s")
+        found = [
+            (where, self.digest(raw, where, is_digest, client)) for where, raw, is_digest in entries
+        ]
+        return [(where, digest) for where, digest in found if digest]
+
+    def digest(self, raw: Any, where: str, is_digest: bool, client: str) -> str | None:
+        """The digest of one key entry; None when it is invalid or weak (then reported)."""
+        if raw in (None, "") or not isinstance(raw, str | int | float):
+            self.fail(where, "must be a non-empty string")
+            return None
+        digest = str(raw).lower() if is_digest else hash_key(str(raw))
+        if not SHA256_HEX.match(digest):
+            self.fail(where, "must be 64 hex digits (see: mjgate hash-key)")
+        elif is_weak_digest(digest):
+            what = "the digest of a well-known weak key" if is_digest else "a well-known weak key"
+            self.fail(where, f"is {what} (client {client!r})")
         else:
-            self.fail(path, "needs key or key_sha256")
-        return ""
+            return digest
+        return None
 
-    def limit(self, node: Any, path: str) -> RateLimit:
-        m = self.mapping(node, path, ("rps", "burst", "submit", "query"))
+    def allow_list(self, node: Any, path: str, upstream_names: set[str]) -> tuple[str, ...] | None:
+        if node is None:
+            return None
+        if not isinstance(node, list) or not all(isinstance(u, str) for u in node):
+            self.fail(path, "must be a list of upstream names")
+            return None
+        for unknown in sorted(set(node) - upstream_names):
+            self.fail(path, f"unknown upstream {unknown!r}")
+        return tuple(dict.fromkeys(node))
+
+    def limit(self, node: Any, path: str) -> RateLimit | None:
+        if node is None:
+            return None
+        m = self.mapping(node, path, (*_BUCKET, "submit", "query"))
+        main = Bucket(**self.fields(m, path, _BUCKET))
         classes = {
-            name: self.bucket(m[name], f"{path}.{name}")
+            name: self.section(m[name], f"{path}.{name}", Bucket, _BUCKET)
             for name in ("submit", "query")
             if m.get(name) is not None
         }
-        main = self.bucket({k: v for k, v in m.items() if k in ("rps", "burst")}, path)
         return RateLimit(main.rps, main.burst, **classes)
 
-    def bucket(self, node: Any, path: str) -> Bucket:
-        m = self.mapping(node, path, ("rps", "burst"))
-        return Bucket(
-            rps=self.value(m, path, "rps", _to_float, 10.0, _positive),
-            burst=self.value(m, path, "burst", _to_int, 20, _at_least(1)),
-        )
-
-    def rate_limit_section(self, node: Any) -> RateLimitConfig:
-        m = self.mapping(node, "rate_limit", ("default", "on_store_error"))
-        default = RateLimit(rps=10.0, burst=20)
-        if m.get("default") is not None:
-            default = self.limit(m["default"], "rate_limit.default")
-        on_error = self.value(
-            m, "rate_limit", "on_store_error", str, "allow", _one_of("allow", "deny")
-        )
-        return RateLimitConfig(
-            default=default, on_store_error="deny" if on_error == "deny" else "allow"
-        )
-
-    def cache(self, node: Any) -> CacheConfig:
-        path, defaults = "cache", CacheConfig()
-        m = self.mapping(node, path, tuple(CacheConfig.__dataclass_fields__))
-        values = {
-            name: self.value(m, path, name, _to_int, getattr(defaults, name), _at_least(0))
-            for name in CacheConfig.__dataclass_fields__
-        }
-        return CacheConfig(**values)
-
-    def fanout(self, node: Any) -> FanoutConfig:
-        m = self.mapping(node, "fanout", ("max_ids", "deadline_s", "batch_size"))
-        return FanoutConfig(
-            max_ids=self.value(m, "fanout", "max_ids", _to_int, 500, _at_least(1)),
-            deadline_s=self.value(m, "fanout", "deadline_s", _to_float, 10.0, _positive),
-            batch_size=self.value(m, "fanout", "batch_size", _to_int, 100, _at_least(1)),
-        )
-
-    def passthrough(self, node: Any) -> tuple[str, ...]:
-        if node is None:
-            return ()
-        if not isinstance(node, list):
-            self.fail("passthrough", "must be a list of paths")
-            return ()
-        for index, item in enumerate(node):
-            if not isinstance(item, str) or not PASSTHROUGH_PATH.match(item):
-                self.fail(
-                    f"passthrough[{index}]", "must be a path under /mj, like /mj/account/list"
-                )
-        return tuple(p for p in node if isinstance(p, str))
-
-    def circuit(self, node: Any) -> CircuitConfig:
-        m = self.mapping(node, "circuit", ("failure_threshold", "cooldown_s"))
-        return CircuitConfig(
-            failure_threshold=self.value(
-                m, "circuit", "failure_threshold", _to_int, 5, _at_least(1)
-            ),
-            cooldown_s=self.value(m, "circuit", "cooldown_s", _to_float, 30.0, _positive),
-        )
-
-    def metrics(self, node: Any) -> MetricsConfig:
-        m = self.mapping(node, "metrics", ("enabled", "path", "token"))
-        return MetricsConfig(
-            enabled=self.value(m, "metrics", "enabled", _to_bool, True),
-            path=self.value(m, "metrics", "path", str, "/metrics", _path_check),
-            token=Secret(self.value(m, "metrics", "token", str, "")),
-        )
-
-    def logging(self, node: Any) -> LoggingConfig:
-        m = self.mapping(node, "logging", ("level", "format"))
-        levels = ("debug", "info", "warning", "error")
-        level = self.value(m, "logging", "level", _lower, "info", _one_of(*levels))
-        fmt = self.value(m, "logging", "format", _lower, "json", _one_of("json", "console"))
-        return LoggingConfig(level=level, format=fmt)  # type: ignore[arg-type]
+    def rate_limit(self, node: Any) -> RateLimitConfig:
+        m = self.mapping(node, "rate_limit", ("default", *_RATE_LIMIT))
+        values = self.fields(m, "rate_limit", _RATE_LIMIT)
+        default = self.limit(m.get("default"), "rate_limit.default")
+        if default is not None:
+            values["default"] = default
+        return RateLimitConfig(**values)
 
 
-_ROOT_KEYS = (
-    "server",
-    "redis",
-    "upstreams",
-    "clients",
-    "allow_anonymous",
-    "rate_limit",
-    "cache",
-    "fanout",
-    "passthrough",
-    "circuit",
-    "metrics",
-    "logging",
-)
-_UPSTREAM_KEYS = tuple(UpstreamConfig.__dataclass_fields__)
+def _checked(convert: Callable[[Any], T], check: Callable[[T], str | None]) -> Callable[[Any], T]:
+    """``convert``, then ``check``: a message from the check is the value's problem."""
+
+    def run(raw: Any) -> T:
+        value = convert(raw)
+        message = check(value)
+        if message:
+            raise ValueError(message)
+        return value
+
+    return run
+
+
+def _secret(check: Callable[[str], str | None] = lambda _: None) -> Callable[[Any], Secret]:
+    convert = _checked(str, check)
+    return lambda raw: Secret(convert(raw))
+
+
+def _list_of(item: Callable[[Any], T], what: str) -> Callable[[Any], tuple[T, ...]]:
+    """A list whose every item passes ``item``; problems are reported per item."""
+
+    def convert(raw: Any) -> tuple[T, ...]:
+        if not isinstance(raw, list):
+            raise ValueError(f"must be a list of {what}")
+        values: list[T] = []
+        problems: list[tuple[str, str]] = []
+        for index, value in enumerate(raw):
+            try:
+                values.append(item(value))
+            except ValueError as exc:
+                problems.append((f"[{index}]", str(exc)))
+        if problems:
+            raise _Problems(problems)
+        return tuple(values)
+
+    return convert
 
 
 def _to_int(value: Any) -> int:
@@ -441,24 +430,13 @@ def _to_float(value: Any) -> float:
         raise ValueError(f"must be a number, got {value!r}") from None
 
 
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-
-
 def _to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in (
-        "true",
-        "yes",
-        "on",
-        "1",
-        "false",
-        "no",
-        "off",
-        "0",
-    ):
-        return value.lower() in ("true", "yes", "on", "1")
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+        return False
     raise ValueError(f"must be true or false, got {value!r}")
 
 
@@ -491,15 +469,34 @@ def _path_check(value: str) -> str | None:
     return None if value.startswith("/") and " " not in value else "must be a path starting with /"
 
 
-def _http_url(value: str) -> str | None:
+def _http_url(value: str, credentials_hint: str = "") -> str | None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL with a host"
     if parts.username or parts.password:
-        return "must not hold credentials; put the key in key:"
+        return f"must not hold credentials{credentials_hint}"
     if parts.query or parts.fragment:
         return "must not have a query or fragment"
     return None
+
+
+def _public_url(value: Any) -> str:
+    text = str(value)
+    message = _http_url(text) if text else None
+    if message:
+        raise ValueError(message)
+    return text.rstrip("/")
+
+
+def _origin(value: Any) -> str:
+    """``*`` or a browser origin, in the lower case browsers send it in."""
+    text = str(value)
+    if text == "*":
+        return text
+    parts = urlsplit(text)
+    if _http_url(text) or parts.path:
+        raise ValueError('must be "*" or an origin like https://app.example.com (no path)')
+    return text.lower()
 
 
 def _redis_url(value: str) -> str | None:
@@ -508,3 +505,115 @@ def _redis_url(value: str) -> str | None:
     scheme = urlsplit(value).scheme
     ok = ("redis", "rediss", "unix")
     return None if scheme in ok else "must be a redis://, rediss:// or unix:// URL, or empty"
+
+
+def _sentinel(value: Any) -> tuple[str, int]:
+    text = str(value)
+    if "@" in text:
+        # Never echo the entry: it holds a password.
+        raise ValueError("must be host:port, without credentials (a password goes in redis.url)")
+    host, _, port = text.rpartition(":")
+    if not HOST.match(host) or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port")
+    return host, int(port)
+
+
+def _passthrough_path(value: Any) -> str:
+    if not isinstance(value, str) or not PASSTHROUGH_PATH.match(value):
+        raise ValueError("must be a path under /mj, like /mj/account/list")
+    return value
+
+
+def _signing_key(value: str) -> str | None:
+    if not value or len(value) >= _MIN_SECRET_KEY:
+        return None
+    return f"must be at least {_MIN_SECRET_KEY} characters (try: openssl rand -hex 32)"
+
+
+# What each section accepts and how each value is converted and checked. The defaults are the
+# dataclasses' own.
+_SECTIONS = (
+    "server",
+    "redis",
+    "upstreams",
+    "clients",
+    "rate_limit",
+    "cache",
+    "fanout",
+    "circuit",
+    "metrics",
+    "logging",
+)
+_ROOT: dict[str, Convert] = {
+    "allow_anonymous": _to_bool,
+    "passthrough": _list_of(_passthrough_path, "paths"),
+}
+_SERVER: dict[str, Convert] = {
+    "host": str,
+    "port": _checked(_to_int, _between(1, 65535)),
+    "max_body_bytes": _checked(_to_int, _at_least(1)),
+    "max_header_bytes": _checked(_to_int, _at_least(1024)),
+    "header_timeout_s": _checked(_to_float, _positive),
+    "body_timeout_s": _checked(_to_float, _positive),
+    "secret_key": _secret(_signing_key),
+    "public_url": _public_url,
+}
+_CORS: dict[str, Convert] = {"allow_origins": _list_of(_origin, "origins")}
+_REDIS: dict[str, Convert] = {
+    "url": _secret(_redis_url),
+    "key_prefix": _checked(str, _matches(KEY_PREFIX)),
+    "socket_timeout_s": _checked(_to_float, _positive),
+    "max_connections": _checked(_to_int, _at_least(1)),
+    "pool_timeout_s": _checked(_to_float, _positive),
+    "cluster": _to_bool,
+    "sentinels": _list_of(_sentinel, "host:port entries"),
+    "service_name": str,
+}
+_UPSTREAM: dict[str, Convert] = {
+    "auth": _checked(str, _one_of("mj-api-secret", "bearer")),
+    "list_by_ids_path": _checked(str, _one_of(*LIST_PATHS)),
+    "supports_query": _to_bool,
+    "weight": _checked(_to_float, _at_least(0)),
+    "timeout_s": _checked(_to_float, _positive),
+    "max_rps": _checked(_to_float, _positive),
+    "max_concurrency": _checked(_to_int, _at_least(1)),
+    "queue_timeout_s": _checked(_to_float, _at_least(0)),
+    "max_response_bytes": _checked(_to_int, _at_least(1)),
+}
+_CLIENT: dict[str, Convert] = {"admin": _to_bool}
+_CLIENT_KEYS = (
+    "name",
+    "key",
+    "keys",
+    "key_sha256",
+    "key_sha256s",
+    "rate_limit",
+    "upstreams",
+    *_CLIENT,
+)
+_BUCKET: dict[str, Convert] = {
+    "rps": _checked(_to_float, _positive),
+    "burst": _checked(_to_int, _at_least(1)),
+}
+_RATE_LIMIT: dict[str, Convert] = {"on_store_error": _checked(str, _one_of("allow", "deny"))}
+_CACHE: dict[str, Convert] = {
+    f.name: _checked(_to_int, _at_least(0)) for f in dataclasses.fields(CacheConfig)
+}
+_FANOUT: dict[str, Convert] = {
+    "max_ids": _checked(_to_int, _at_least(1)),
+    "deadline_s": _checked(_to_float, _positive),
+    "batch_size": _checked(_to_int, _at_least(1)),
+}
+_CIRCUIT: dict[str, Convert] = {
+    "failure_threshold": _checked(_to_int, _at_least(1)),
+    "cooldown_s": _checked(_to_float, _positive),
+}
+_METRICS: dict[str, Convert] = {
+    "enabled": _to_bool,
+    "path": _checked(str, _path_check),
+    "token": _secret(),
+}
+_LOGGING: dict[str, Convert] = {
+    "level": _checked(_lower, _one_of("debug", "info", "warning", "error")),
+    "format": _checked(_lower, _one_of("json", "console")),
+}

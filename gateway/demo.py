@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import secrets
 import socket
+import sys
 
 import uvicorn
 
 from gateway.app import create_app
-from gateway.config import LoggingConfig
+from gateway.config import Config, LoggingConfig
 from gateway.configfile import config_from_dict
 from gateway.logs import configure_logging
 from gateway.sim import SimSettings, create_sim_app
@@ -21,14 +23,7 @@ __all__ = ["DEMO_KEY", "demo_config", "run_demo"]
 DEMO_KEY = "demo-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def demo_config(port: int, java_port: int, relay_port: int, keys: tuple[str, str]) -> object:
+def demo_config(port: int, java_port: int, relay_port: int, keys: tuple[str, str]) -> Config:
     return config_from_dict(
         {
             "server": {"host": "127.0.0.1", "port": port},
@@ -76,46 +71,64 @@ Tasks finish in about 15 seconds. Ctrl-C stops everything.
 """
 
 
-def run_demo(port: int) -> None:
-    java_port, relay_port = _free_port(), _free_port()
+def run_demo(port: int) -> int:
+    """Serve the demo until interrupted; 1, with one line on stderr, when ``port`` is taken."""
+    try:
+        listener = _listen(port)
+    except OSError as exc:
+        reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be used: {exc.strerror}"
+        print(
+            f"mjgate demo: port {port} on 127.0.0.1 {reason}; pick another with --port "
+            "(make demo PORT=...)",
+            file=sys.stderr,
+        )
+        return 1
+    java, relay = _listen(0), _listen(0)
     keys = (secrets.token_urlsafe(16), secrets.token_urlsafe(16))
-    config = demo_config(port, java_port, relay_port, keys)
-    from gateway.config import Config
-
-    assert isinstance(config, Config)
+    config = demo_config(port, _port_of(java), _port_of(relay), keys)
     configure_logging(LoggingConfig(format="console"), keys)
-    sims = [
-        (SimSettings(flavor="java", key=keys[0], task_seconds=15), java_port),
-        (
-            SimSettings(flavor="relay", key=keys[1], task_seconds=15, list_paths="list-by-ids"),
-            relay_port,
-        ),
-    ]
+    java_sim = SimSettings(flavor="java", key=keys[0], task_seconds=15)
+    relay_sim = SimSettings(flavor="relay", key=keys[1], task_seconds=15, list_paths="list-by-ids")
+    apps = [(create_sim_app(java_sim), java), (create_sim_app(relay_sim), relay)]
+    apps.append((create_app(config), listener))
     servers = [
-        uvicorn.Server(
-            uvicorn.Config(create_sim_app(s), host="127.0.0.1", port=p, log_level="warning")
-        )
-        for s, p in sims
+        (uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)), sock)
+        for app, sock in apps
     ]
-    servers.append(
-        uvicorn.Server(
-            uvicorn.Config(
-                create_app(config),
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-                access_log=False,
-            )
-        )
-    )
-    print(_banner(f"http://127.0.0.1:{port}"), flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_all(servers))
+        asyncio.run(_serve_all(servers, _banner(f"http://127.0.0.1:{port}")))
+    return 0
 
 
-async def _serve_all(servers: list[uvicorn.Server]) -> None:
-    tasks = [asyncio.create_task(server.serve()) for server in servers]
+def _listen(port: int) -> socket.socket:
+    """A socket bound to 127.0.0.1:``port`` (0: a free one). Binding here, before anything
+    starts, turns a taken port into one clear line instead of a server failing half-way."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _port_of(sock: socket.socket) -> int:
+    port: int = sock.getsockname()[1]
+    return port
+
+
+async def _serve_all(servers: list[tuple[uvicorn.Server, socket.socket]], banner: str) -> None:
+    tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
+
+    def started() -> bool:
+        return all(server.started for server, _ in servers)
+
+    while not started() and not any(task.done() for task in tasks):
+        await asyncio.sleep(0.01)
+    if started():  # the banner only once every server listens
+        print(banner, flush=True)
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for server in servers:
+    for server, _ in servers:
         server.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -7,27 +7,35 @@ import atexit
 import logging
 import os
 import re
+import select
 import sys
+import threading
 import time
 from collections.abc import Iterable
-from typing import Any, BinaryIO
+from typing import Any
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from gateway.config import LoggingConfig
+from gateway.config import Config, LoggingConfig
 
 __all__ = [
+    "LINE_LIMIT",
+    "LineWriter",
     "RedactingJSONRenderer",
     "SecretRedactor",
     "configure_logging",
     "flush_logs_every",
     "redact_credential_fields",
+    "secrets_of",
 ]
 
 _SENSITIVE_FIELDS = frozenset({"authorization", "mj-api-secret", "key", "api_key", "password"})
 _REDACTED = "[redacted]"
+# The most bytes one write to a pipe keeps in one piece (POSIX PIPE_BUF; 4096 on Linux).
+LINE_LIMIT = select.PIPE_BUF
 
 
 class SecretRedactor:
@@ -66,11 +74,11 @@ class SecretRedactor:
 
 
 def redact_credential_fields(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
-    """Mask fields named like credentials, at any depth."""
-    for name in _SENSITIVE_FIELDS.intersection(event):
-        event[name] = _REDACTED
+    """Mask fields named like credentials, in any letter case, at any depth."""
     for name, value in event.items():
-        if value and isinstance(value, dict | list | tuple):
+        if name.lower() in _SENSITIVE_FIELDS:
+            event[name] = _REDACTED
+        elif value and isinstance(value, dict | list | tuple):
             event[name] = _mask_nested(value)
     return event
 
@@ -106,7 +114,8 @@ def _mask_nested(value: Any) -> Any:
 
 class RedactingJSONRenderer:
     """orjson rendering, then known secret values masked in the rendered bytes, in the raw
-    and in the JSON-escaped form they take inside a string."""
+    and in the JSON-escaped form they take inside a string; a line longer than
+    ``LINE_LIMIT`` is then shortened to fit (see ``fit_line``)."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         forms = {
@@ -119,32 +128,125 @@ class RedactingJSONRenderer:
         line = orjson.dumps(event, default=repr)
         if self._pattern is not None and self._pattern.search(line):
             line = self._pattern.sub(_REDACTED.encode(), line)
+        if len(line) >= LINE_LIMIT:
+            line = fit_line(line, LINE_LIMIT - 1)
         return line
+
+
+# Values this short are left whole: cutting them would save less than the marker costs.
+_UNCUT_BYTES = 64
+# Room for the "...[N chars cut]..." marker.
+_MARKER_BYTES = 40
+
+
+def fit_line(line: bytes, limit: int) -> bytes:
+    """A rendered JSON line cut down to ``limit`` bytes: the longest values lose their
+    middle to a ``...[N chars cut]...`` marker, down to one common length, so a traceback
+    keeps its first frames and the exception itself, and short fields stay whole. A value
+    that is not a string is cut as its JSON text. The line is cut after redaction: a cut
+    can shorten a mask, never uncover part of a secret. Only a line of more than about 60
+    fields cannot be cut down that far."""
+    event: dict[str, Any] = orjson.loads(line)
+    texts = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in event.items()}
+    sizes = {k: len(orjson.dumps(text)) for k, text in texts.items()}
+    long = sorted((k for k in sizes if sizes[k] > _UNCUT_BYTES), key=sizes.__getitem__)[::-1]
+    as_text = len(line) + sum(sizes[k] - len(orjson.dumps(event[k])) for k in long)
+    level = _level([sizes[k] for k in long], as_text - limit)
+    cut = {k: texts[k] for k in long if sizes[k] > level}
+    # First as many characters as the bytes to save take on average, then, if escapes or
+    # wide characters bunch up in the middle, one character per byte, which always fits.
+    fitted = _cut_values(event, cut, sizes, level, scaled=True)
+    return fitted if len(fitted) <= limit else _cut_values(event, cut, sizes, level, scaled=False)
+
+
+def _cut_values(
+    event: dict[str, Any], cut: dict[str, str], sizes: dict[str, int], level: int, scaled: bool
+) -> bytes:
+    """The event rendered with each value in ``cut`` shortened in its middle to about
+    ``level`` bytes."""
+    shortened = dict(event)
+    for name, text in cut.items():
+        drop = sizes[name] - level
+        if scaled:
+            drop = -(-drop * len(text) // (sizes[name] - 2))
+        keep = max(len(text) - drop, 0)
+        head, tail = text[: keep // 2], text[len(text) - (keep - keep // 2) :]
+        shortened[name] = f"{head}...[{len(text) - keep} chars cut]...{tail}"
+    return orjson.dumps(shortened)
+
+
+def _level(sizes: list[int], excess: int) -> int:
+    """The size to cut every larger value down to (``sizes`` from the largest) so that the
+    cuts, markers included, save ``excess`` bytes."""
+    total = 0
+    for count, size in enumerate(sizes, 1):
+        total += size
+        below = sizes[count] if count < len(sizes) else _UNCUT_BYTES
+        level = (total - excess - _MARKER_BYTES * count) // count
+        if level >= below:
+            return level
+    return _UNCUT_BYTES
+
+
+class LineWriter:
+    """Log lines to a file descriptor, buffered, in writes of whole lines and at most
+    ``LINE_LIMIT`` bytes each.
+
+    Every gunicorn worker writes to the same standard output, usually a pipe, and a pipe
+    keeps one write in one piece only up to PIPE_BUF bytes: a bigger write can be split
+    and another worker's lines land in the middle of it. Writes that end on a line
+    boundary and stay within PIPE_BUF arrive whole, and still carry about ten access lines
+    per system call. The JSON renderer keeps each line within the limit; a longer line
+    (console format) goes out alone in one write.
+    """
+
+    def __init__(self, fd: int, limit: int = LINE_LIMIT) -> None:
+        self._fd = fd
+        self._limit = limit
+        self._pending = bytearray()
+        self._lock = threading.Lock()
+
+    def write_line(self, line: bytes) -> None:
+        with self._lock:
+            if len(self._pending) + len(line) + 1 > self._limit:
+                self._drain()
+            self._pending += line
+            self._pending += b"\n"
+
+    def flush(self) -> None:
+        with self._lock:
+            self._drain()
+
+    def _drain(self) -> None:
+        data = bytes(self._pending)
+        self._pending.clear()
+        while data:
+            data = data[os.write(self._fd, data) :]
 
 
 class _LineLogger:
     """structlog's BytesLogger without a flush per line (the cost of a system call on every
-    request): info lines go out when the buffer fills or ``flush_logs_every`` ticks; warnings
-    and errors are flushed at once."""
+    request): info lines go out when a write's worth is buffered or ``flush_logs_every``
+    ticks; warnings and errors are flushed at once."""
 
-    def __init__(self, out: BinaryIO) -> None:
-        self._write = out.write
+    def __init__(self, out: LineWriter) -> None:
+        self._write = out.write_line
         self._flush = out.flush
 
     def msg(self, message: bytes) -> None:
-        self._write(message + b"\n")
+        self._write(message)
 
     debug = info = msg
 
     def warning(self, message: bytes) -> None:
-        self._write(message + b"\n")
+        self._write(message)
         self._flush()
 
     warn = error = err = critical = fatal = exception = warning
 
 
 class _LineLoggerFactory:
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: LineWriter) -> None:
         self._logger = _LineLogger(out)
 
     def __call__(self, *args: Any) -> _LineLogger:
@@ -155,22 +257,23 @@ def _console_renderer() -> Any:
     return structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
 
 
-_streams: list[BinaryIO] = []
+_writers: list[LineWriter] = []
 
 
-def _log_stream() -> BinaryIO:
-    """Standard output with a 64 KiB buffer: one write system call per ~200 lines."""
-    if not _streams:
+def _log_writer() -> LineWriter:
+    """The process's one writer to standard output (a copy of the descriptor, so that
+    closing or replacing ``sys.stdout`` does not cut the log off)."""
+    if not _writers:
         sys.stdout.flush()
-        _streams.append(os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=1 << 16))
+        _writers.append(LineWriter(os.dup(sys.stdout.fileno())))
         atexit.register(_flush_all)
-    return _streams[0]
+    return _writers[0]
 
 
 def _flush_all() -> None:
     sys.stdout.flush()
-    for stream in _streams:
-        stream.flush()
+    for writer in _writers:
+        writer.flush()
 
 
 async def flush_logs_every(interval_s: float) -> None:
@@ -200,10 +303,33 @@ def configure_logging(config: LoggingConfig, secrets: Iterable[str] = ()) -> Non
         # Values are scrubbed once, in the rendered line: one regex pass per line instead
         # of one per field.
         processors = [*shared, redact_credential_fields, RedactingJSONRenderer(secrets)]
-        factory = _LineLoggerFactory(_log_stream())
+        factory = _LineLoggerFactory(_log_writer())
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def secrets_of(config: Config) -> list[str]:
+    """Every secret value in the config, for the log redactor: each upstream key, the
+    metrics token, the server's secret key and the Redis password (sentinel entries hold
+    none: the config refuses credentials there, and Sentinel uses the one in ``redis.url``)."""
+    secrets = [u.key.reveal() for u in config.upstreams]
+    secrets += [config.metrics.token.reveal(), config.server.secret_key.reveal()]
+    secrets += _url_passwords(config.redis.url.reveal())
+    return [s for s in secrets if s]
+
+
+def _url_passwords(url: str) -> set[str]:
+    """The password in a URL's user part and in its ``password=`` query parameters (redis-py
+    reads both), parsed as a URL parser does (the password may hold ``@`` and ``:``), each
+    as written and as decoded, the form the Redis client sends."""
+    parts = urlsplit(url)
+    found = {parts.password, unquote(parts.password)} if parts.password else set()
+    for item in parts.query.split("&"):
+        name, _, value = item.partition("=")
+        if unquote_plus(name).lower() == "password" and value:
+            found |= {value, unquote_plus(value)}
+    return found

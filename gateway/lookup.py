@@ -10,51 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
 from gateway.cache import CachedTask, StoreView, TaskCache, encode_task
 from gateway.config import FanoutConfig
+from gateway.context import RequestInfo
+from gateway.errors import UpstreamError, UpstreamFailures
 from gateway.metrics import COALESCED, FANOUT_WIDTH, L1_HIT, L1_MISS, STORE_HIT, STORE_MISS
-from gateway.middleware import RequestInfo
 from gateway.owners import OwnerMap
 from gateway.tasks import is_not_found, parse_task, parse_task_list
-from gateway.upstreams import Upstream, UpstreamError, UpstreamResponse, forwardable
+from gateway.upstreams import (
+    FANOUT_GRACE_S,
+    Upstream,
+    UpstreamResponse,
+    call,
+    failed_answer,
+    gather_within,
+    missed_deadline,
+)
 
-__all__ = [
-    "Answer",
-    "ListResult",
-    "TaskLookup",
-    "UpstreamFailures",
-    "call",
-    "failed_answer",
-    "gather_within",
-]
+__all__ = ["Answer", "ListResult", "TaskLookup"]
 
-T = TypeVar("T")
-# Fan-out calls time out at the deadline on their own; the fan-out waits this much longer.
-FANOUT_GRACE_S = 0.25
 Found = tuple[UpstreamResponse, dict[str, Any]]  # an upstream's answer and the task in it
-
-
-class UpstreamFailures(Exception):
-    """Every upstream that could have answered failed."""
-
-    def __init__(self, errors: Sequence[UpstreamError]) -> None:
-        super().__init__("; ".join(str(e) for e in errors))
-        self.errors = list(errors)
-
-    @property
-    def timed_out(self) -> bool:
-        return all(e.kind == "timeout" for e in self.errors)
-
-    @property
-    def held_back(self) -> bool:
-        """The gateway itself held every request back: circuit open or caps full."""
-        return all(e.kind in ("open", "saturated") for e in self.errors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,44 +63,6 @@ class ListResult:
     body: bytes = b"[]"
     failed: list[str] = field(default_factory=list)
     cache: str = "HIT"
-
-
-async def call(
-    upstream: Upstream,
-    info: RequestInfo,
-    route: str,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    timeout_s: float | None = None,
-) -> UpstreamResponse:
-    """One upstream request, noted in the request's log facts.
-
-    The gateway's own key being refused (401/403) is an upstream failure, not an answer
-    for the caller, who presented a valid key of their own.
-    """
-    info.upstreams.append(upstream.name)
-    response = await upstream.request(
-        method,
-        path,
-        route=route,
-        request_id=info.request_id,
-        body=body,
-        caller_headers=forwardable(info.headers),
-        timeout_s=timeout_s,
-    )
-    info.upstream_ms += response.elapsed_s * 1000
-    if response.status in (401, 403):
-        detail = f"rejected the gateway's key (HTTP {response.status}); check its key in config"
-        raise UpstreamError(upstream.name, "broken", True, detail)
-    return response
-
-
-def failed_answer(response: UpstreamResponse) -> UpstreamError | None:
-    """An HTTP answer that says the upstream could not serve, as opposed to an answer."""
-    if response.status == 429 or response.status >= 500:
-        return UpstreamError(response.upstream, "broken", True, f"answered HTTP {response.status}")
-    return None
 
 
 class TaskLookup:
@@ -232,12 +175,17 @@ class TaskLookup:
     ) -> Found | None:
         """Ask every upstream at once; the first that has the task wins and becomes its owner."""
         errors: list[UpstreamError] = []
+        answered: set[str] = set()
         FANOUT_WIDTH.observe(len(allowed))
         deadline_s = self.fanout.deadline_s
-        pending = {
-            asyncio.create_task(self._fetch_one(u, mode, task_id, info, deadline_s))
-            for u in allowed
-        }
+
+        async def ask(upstream: Upstream) -> Found | None:
+            try:
+                return await self._fetch_one(upstream, mode, task_id, info, deadline_s)
+            finally:
+                answered.add(upstream.name)
+
+        pending = {asyncio.create_task(ask(u)) for u in allowed}
         try:
             for next_done in asyncio.as_completed(pending, timeout=deadline_s + FANOUT_GRACE_S):
                 try:
@@ -252,8 +200,8 @@ class TaskLookup:
                     await self.owners.record(task_id, found[0].upstream)
                     return found
         except TimeoutError:
-            answered = {e.upstream for e in errors}
-            errors += [_missed_deadline(u) for u in allowed if u.name not in answered]
+            # Blame only those that had not answered: a "not found" is an answer.
+            errors += [missed_deadline(u) for u in allowed if u.name not in answered]
         finally:
             for task in pending:
                 task.cancel()
@@ -322,12 +270,14 @@ class TaskLookup:
             self.fanout.deadline_s, [(u, self._list_one(mode, u, ids, info)) for u, ids in calls]
         )
         errors: list[UpstreamError] = []
+        failed_calls = 0
         fresh: list[tuple[str, dict[str, Any], bytes]] = []
         discovered: dict[str, str] = {}
         failed_ids: set[str] = set()
         for (upstream, asked), outcome in zip(calls, outcomes, strict=True):
-            if isinstance(outcome, UpstreamError):
-                errors.append(outcome)
+            if isinstance(outcome, UpstreamFailures):
+                errors += outcome.errors
+                failed_calls += 1
                 failed_ids.update(asked)
                 continue
             wanted_here = set(asked)
@@ -339,7 +289,7 @@ class TaskLookup:
                     fresh.append((upstream.name, task, body))
                     if task_id not in owners:
                         discovered[task_id] = upstream.name
-        if len(errors) == len(calls):
+        if failed_calls == len(calls):
             raise UpstreamFailures(errors)
         await self.owners.record_many(discovered)
         await self.cache.put_tasks(fresh)
@@ -369,34 +319,3 @@ class TaskLookup:
             detail = f"answered HTTP {response.status} with something other than a task list"
             raise UpstreamError(upstream.name, "broken", True, detail)
         return tasks
-
-
-async def gather_within(
-    deadline_s: float, calls: Sequence[tuple[Upstream, Coroutine[Any, Any, T]]]
-) -> list[T | UpstreamError]:
-    """Run one call per upstream concurrently; a call that fails or misses the deadline
-    becomes its UpstreamError. The calls are expected to time out by themselves at the
-    deadline (so that the upstream's circuit hears of it); this wait is the safety net."""
-    jobs = [asyncio.create_task(coroutine) for _, coroutine in calls]
-    if not jobs:
-        return []
-    _, late = await asyncio.wait(jobs, timeout=deadline_s + FANOUT_GRACE_S)
-    for job in late:
-        job.cancel()
-    outcomes: list[T | UpstreamError] = []
-    for (upstream, _), job in zip(calls, jobs, strict=True):
-        if job in late:
-            outcomes.append(_missed_deadline(upstream))
-        elif isinstance(exc := job.exception(), UpstreamError):
-            outcomes.append(exc)
-        elif isinstance(exc, UpstreamFailures):
-            outcomes.append(exc.errors[0])
-        elif exc is not None:
-            raise exc
-        else:
-            outcomes.append(job.result())
-    return outcomes
-
-
-def _missed_deadline(upstream: Upstream) -> UpstreamError:
-    return UpstreamError(upstream.name, "timeout", True, "missed the fan-out deadline")

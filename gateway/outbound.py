@@ -17,17 +17,14 @@ import uuid
 import structlog
 
 from gateway.config import UpstreamConfig
-from gateway.store import KeySpace, MemoryStore, Store, StoreError
+from gateway.errors import Saturated, StoreError
+from gateway.store import KeySpace, MemoryStore, Store
 
-__all__ = ["OutboundCaps", "Saturated"]
+__all__ = ["OutboundCaps"]
 
 log = structlog.get_logger("mjgate.outbound")
 
 _MIN_WAIT_S = 0.005
-
-
-class Saturated(Exception):
-    """The caps stayed full for the whole wait."""
 
 
 class OutboundCaps:
@@ -51,7 +48,7 @@ class OutboundCaps:
                 return holder
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Saturated
+                raise Saturated()
             wait_s = max(_MIN_WAIT_S, wait_ms / 1000) * random.uniform(1.0, 1.5)
             await asyncio.sleep(min(wait_s, left))
 

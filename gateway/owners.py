@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
+from gateway.errors import StoreError
 from gateway.lru import LRU
-from gateway.store import KeySpace, Store, StoreError
+from gateway.store import KeySpace, Store
 
 __all__ = ["OwnerMap"]
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError
-from gateway.lookup import TaskLookup, UpstreamFailures, call, failed_answer, gather_within
-from gateway.middleware import RequestInfo
-from gateway.tasks import STATUSES, parse_task_list, valid_task_id
-from gateway.upstreams import Upstream, UpstreamError
+from gateway.context import RequestInfo
+from gateway.errors import GatewayError, UpstreamError, UpstreamFailures
+from gateway.lookup import TaskLookup
+from gateway.protocol import STATUSES
+from gateway.tasks import parse_task_list, valid_task_id
+from gateway.upstreams import Upstream, call, failed_answer, gather_within
 
 __all__ = [
     "Merged",
@@ -59,6 +60,8 @@ class QuerySpec:
 
 @dataclass(slots=True)
 class Merged:
+    """Rows from one or more upstreams; ``failed`` names the upstreams that did not answer."""
+
     rows: list[dict[str, Any]]
     total: int
     failed: list[str]
@@ -196,18 +199,18 @@ class TaskSearch:
                 "sort": f"{field},{'desc' if descending else 'asc'}",
             }
         )
-        calls: list[tuple[Upstream, Coroutine[Any, Any, tuple[list[dict[str, Any]], int]]]] = [
+        calls: list[tuple[Upstream, Coroutine[Any, Any, Merged]]] = [
             (u, self._query_one(mode, u, body, info)) for u in native
         ]
         if spec.ids and others:
             calls.append((others[0], self._query_by_ids(mode, spec, others, info)))
-        merged = _merge(calls, await gather_within(self.deadline_s, calls))
+        merged = _merge(await gather_within(self.deadline_s, calls))
         sort_rows(merged.rows, spec.order)
         return merged
 
     async def _query_one(
         self, mode: str, upstream: Upstream, body: bytes, info: RequestInfo
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> Merged:
         path = f"{mode}/mj/task/query"
         response = await call(upstream, info, "query", "POST", path, body, self.deadline_s)
         if error := failed_answer(response):
@@ -215,24 +218,24 @@ class TaskSearch:
         try:
             page = orjson.loads(response.content)
             rows = [t for t in page["content"] if isinstance(t, dict)]
-            return rows, int(page["totalElements"])
+            return Merged(rows, int(page["totalElements"]), [])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             detail = f"answered HTTP {response.status} with something other than a page"
             raise UpstreamError(upstream.name, "broken", True, detail) from None
 
     async def _query_by_ids(
         self, mode: str, spec: QuerySpec, upstreams: list[Upstream], info: RequestInfo
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> Merged:
         result = await self.lookup.list_tasks(mode, spec.ids, upstreams, info)
         rows = [t for t in parse_task_list(result.body) or [] if matches(t, spec.filters)]
-        return rows, len(rows)
+        return Merged(rows, len(rows), result.failed)
 
     async def recent(
         self, mode: str, kind: str, allowed: Sequence[Upstream], info: RequestInfo
     ) -> Merged:
         """``list`` (newest first, at most 100) or ``queue`` (oldest first)."""
         calls = [(u, self._recent_one(mode, kind, u, info)) for u in allowed]
-        merged = _merge(calls, await gather_within(self.deadline_s, calls))
+        merged = _merge(await gather_within(self.deadline_s, calls))
         newest_first = kind == "list"
         sort_rows(merged.rows, ("submitTime", newest_first))
         if newest_first:
@@ -241,7 +244,7 @@ class TaskSearch:
 
     async def _recent_one(
         self, mode: str, kind: str, upstream: Upstream, info: RequestInfo
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> Merged:
         path = f"{mode}/mj/task/{kind}"
         response = await call(upstream, info, kind, "GET", path, timeout_s=self.deadline_s)
         if error := failed_answer(response):
@@ -250,22 +253,21 @@ class TaskSearch:
         if rows is None:
             detail = f"answered HTTP {response.status} with something other than a task list"
             raise UpstreamError(upstream.name, "broken", True, detail)
-        return rows, len(rows)
+        return Merged(rows, len(rows), [])
 
 
-def _merge(
-    calls: Sequence[tuple[Upstream, Any]],
-    outcomes: list[tuple[list[dict[str, Any]], int] | UpstreamError],
-) -> Merged:
+def _merge(outcomes: list[Merged | UpstreamFailures]) -> Merged:
+    """One merge of every call's rows; raises when every call failed."""
     merged = Merged(rows=[], total=0, failed=[])
     errors: list[UpstreamError] = []
     for outcome in outcomes:
-        if isinstance(outcome, UpstreamError):
-            errors.append(outcome)
+        if isinstance(outcome, UpstreamFailures):
+            errors += outcome.errors
         else:
-            merged.rows += outcome[0]
-            merged.total += outcome[1]
-    if calls and len(errors) == len(calls):
+            merged.rows += outcome.rows
+            merged.total += outcome.total
+            merged.failed += outcome.failed
+    if outcomes and all(isinstance(o, UpstreamFailures) for o in outcomes):
         raise UpstreamFailures(errors)
-    merged.failed = [e.upstream for e in errors]
+    merged.failed = list(dict.fromkeys([*merged.failed, *(e.upstream for e in errors)]))
     return merged

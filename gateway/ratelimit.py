@@ -16,9 +16,9 @@ from starlette.responses import Response
 
 from gateway.buckets import Grant
 from gateway.config import Bucket, ClientConfig, RateLimitConfig
-from gateway.errors import error_response
+from gateway.errors import StoreError, error_response
 from gateway.metrics import RATE_LIMITED
-from gateway.store import KeySpace, Store, StoreError
+from gateway.store import KeySpace, Store
 
 __all__ = ["CallerLimiter", "Decision", "refusal_response", "route_class"]
 

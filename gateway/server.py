@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uvicorn
 
-from gateway.app import create_app, secrets_of
+from gateway.app import create_app
 from gateway.config import Config
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, secrets_of
 from gateway.worker import DrainingServer
 
 __all__ = ["serve", "uvicorn_config"]

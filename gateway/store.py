@@ -26,26 +26,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.buckets import OUTBOUND_LUA, TAKE_LUA, Grant, MemoryBucket, MemoryOutbound
 from gateway.config import RedisConfig
+from gateway.errors import StoreError
 from gateway.metrics import STORE_ERRORS
 
-__all__ = ["KeySpace", "MemoryStore", "RedisStore", "Store", "StoreError", "open_store"]
+__all__ = ["KeySpace", "MemoryStore", "RedisStore", "Store", "open_store"]
 
 
 _FAIL_FAST_S = 1.0
 
 
-class StoreError(Exception):
-    """The store did not answer in time or answered with an error."""
-
-
 class Store(Protocol):
     """What the gateway needs from a key-value store."""
 
-    async def get(self, key: str) -> bytes | None: ...
-
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]: ...
-
-    async def set(self, key: str, value: bytes, ttl_ms: int) -> None: ...
 
     async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None: ...
 
@@ -108,7 +101,7 @@ class MemoryStore:
         self._buckets: dict[str, MemoryBucket] = {}
         self._outbound: dict[str, MemoryOutbound] = {}
 
-    async def get(self, key: str) -> bytes | None:
+    def _get(self, key: str) -> bytes | None:
         entry = self._data.get(key)
         if entry is None:
             return None
@@ -118,9 +111,9 @@ class MemoryStore:
         return entry[1]
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [await self.get(key) for key in keys]
+        return [self._get(key) for key in keys]
 
-    async def set(self, key: str, value: bytes, ttl_ms: int) -> None:
+    def _set(self, key: str, value: bytes, ttl_ms: int) -> None:
         if ttl_ms <= 0:
             self._data.pop(key, None)
             return
@@ -131,7 +124,7 @@ class MemoryStore:
 
     async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
         for key, value in items.items():
-            await self.set(key, value, ttl_ms)
+            self._set(key, value, ttl_ms)
 
     async def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
@@ -195,7 +188,7 @@ class RedisStore:
             raise StoreError(f"redis {operation} skipped: the store failed a moment ago")
         try:
             yield
-        except Exception as exc:  # redis-py also leaks AttributeError/OSError from its races
+        except (RedisError, OSError) as exc:  # a bug elsewhere is not a store outage
             STORE_ERRORS.labels(operation).inc()
             if not isinstance(exc, RedisError) or isinstance(
                 exc, RedisTimeoutError | RedisConnectionError
@@ -204,10 +197,6 @@ class RedisStore:
             raise StoreError(f"redis {operation} failed: {type(exc).__name__}") from exc
         if probe:
             self._failing_until = 0.0
-
-    async def get(self, key: str) -> bytes | None:
-        with self._guard("get"):
-            return _as_bytes(await self._redis.get(key))
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
@@ -219,13 +208,6 @@ class RedisStore:
             else:
                 values = await self._redis.mget(keys)
             return [_as_bytes(v) for v in values]
-
-    async def set(self, key: str, value: bytes, ttl_ms: int) -> None:
-        with self._guard("set"):
-            if ttl_ms > 0:
-                await self._redis.set(key, value, px=ttl_ms)
-            else:
-                await self._redis.delete(key)
 
     async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
         if not items:

@@ -1,30 +1,22 @@
-"""Task semantics: states, the id rule, not-found answers, and merging lists in order."""
+"""Task semantics: terminal states, the id rule, and reading upstream answers about tasks."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
 
+from gateway.protocol import TASK_ID_PATTERN
+
 __all__ = [
-    "STATUSES",
-    "TERMINAL",
-    "in_request_order",
     "is_not_found",
     "parse_task",
     "parse_task_list",
     "valid_task_id",
 ]
 
-STATUSES = frozenset(
-    {"NOT_START", "SUBMITTED", "MODAL", "IN_PROGRESS", "FAILURE", "SUCCESS", "CANCEL"}
-)
-# Upstreams never change a task again once it reaches one of these.
-TERMINAL = frozenset({"SUCCESS", "FAILURE", "CANCEL"})
-
-_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TASK_ID = re.compile(TASK_ID_PATTERN)
 
 
 def valid_task_id(value: object) -> bool:
@@ -67,8 +59,3 @@ def parse_task_list(body: bytes) -> list[dict[str, Any]] | None:
     if not isinstance(value, list):
         return None
     return [t for t in value if isinstance(t, dict) and valid_task_id(t.get("id"))]
-
-
-def in_request_order(ids: Iterable[str], found: Mapping[str, dict[str, Any]]) -> list[Any]:
-    """The found tasks in the order the caller asked for them; unknown ids dropped."""
-    return [found[task_id] for task_id in ids if task_id in found]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, TypeVar
 
 import aiohttp
 import httpx
@@ -15,21 +15,24 @@ from httpx_aiohttp import AiohttpTransport
 
 from gateway.circuit import CircuitBreaker
 from gateway.config import UpstreamConfig
+from gateway.context import RequestInfo
+from gateway.errors import FailureKind, Saturated, UpstreamError, UpstreamFailures
 from gateway.metrics import UPSTREAM_DURATION, UPSTREAM_REQUESTS
-from gateway.outbound import OutboundCaps, Saturated
+from gateway.outbound import OutboundCaps
 
 __all__ = [
-    "FailureKind",
     "Upstream",
-    "UpstreamError",
     "UpstreamPool",
     "UpstreamResponse",
-    "forwardable",
+    "call",
+    "failed_answer",
+    "gather_within",
+    "missed_deadline",
 ]
 
-# connect/timeout/broken: the upstream failed. open/saturated: the gateway held the request
-# back (circuit open, outbound caps full), so it surely never left.
-FailureKind = Literal["connect", "timeout", "broken", "open", "saturated"]
+T = TypeVar("T")
+# Fan-out calls time out at the deadline on their own; the fan-out waits this much longer.
+FANOUT_GRACE_S = 0.25
 
 # Caller headers worth passing on. Everything else is dropped, the caller's own credentials
 # and hop-by-hop headers included: an allow-list cannot leak a header nobody thought of.
@@ -47,20 +50,6 @@ class UpstreamResponse:
     elapsed_s: float
 
 
-class UpstreamError(Exception):
-    """No answer from an upstream.
-
-    ``sent`` is False only when the request surely never left (connection refused, connect
-    timeout): such a request may be repeated elsewhere without buying anything twice.
-    """
-
-    def __init__(self, upstream: str, kind: FailureKind, sent: bool, detail: str) -> None:
-        super().__init__(f"upstream {upstream}: {detail}")
-        self.upstream = upstream
-        self.kind = kind
-        self.sent = sent
-
-
 class Upstream:
     """One provider. Holds its key and adds it to every request in the provider's style."""
 
@@ -69,7 +58,6 @@ class Upstream:
         config: UpstreamConfig,
         caps: OutboundCaps,
         breaker: CircuitBreaker,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -88,7 +76,7 @@ class Upstream:
         )
         self._client = httpx.AsyncClient(
             base_url=config.base_url,
-            transport=transport or AiohttpTransport(limits=limits, trust_env=False),
+            transport=AiohttpTransport(limits=limits, trust_env=False),
             timeout=httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 5.0)),
             follow_redirects=False,
             trust_env=False,
@@ -234,14 +222,10 @@ class UpstreamPool:
     """All configured upstreams, in config order."""
 
     def __init__(self, upstreams: Sequence[Upstream], rng: random.Random | None = None) -> None:
-        self._by_name = {u.name: u for u in upstreams}
         self.all: tuple[Upstream, ...] = tuple(upstreams)
         self._rng = rng or random.Random()
         self._allowed: dict[tuple[str, ...], tuple[Upstream, ...]] = {}
         self._names: dict[tuple[Upstream, ...], frozenset[str]] = {}
-
-    def get(self, name: str) -> Upstream | None:
-        return self._by_name.get(name)
 
     def allowed(self, names: tuple[str, ...] | None) -> tuple[Upstream, ...]:
         """The upstreams a caller with this allow-list may reach (None: all of them)."""
@@ -277,3 +261,74 @@ class UpstreamPool:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(u.aclose() for u in self.all), return_exceptions=True)
+
+
+async def call(
+    upstream: Upstream,
+    info: RequestInfo,
+    route: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    timeout_s: float | None = None,
+) -> UpstreamResponse:
+    """One upstream request on behalf of a caller, noted in the request's log facts.
+
+    The gateway's own key being refused (401/403) is an upstream failure, not an answer
+    for the caller, who presented a valid key of their own.
+    """
+    info.upstreams.append(upstream.name)
+    response = await upstream.request(
+        method,
+        path,
+        route=route,
+        request_id=info.request_id,
+        body=body,
+        caller_headers=forwardable(info.headers),
+        timeout_s=timeout_s,
+    )
+    info.upstream_ms += response.elapsed_s * 1000
+    if response.status in (401, 403):
+        detail = f"rejected the gateway's key (HTTP {response.status}); check its key in config"
+        raise UpstreamError(upstream.name, "broken", True, detail)
+    return response
+
+
+def failed_answer(response: UpstreamResponse) -> UpstreamError | None:
+    """An HTTP answer that says the upstream could not serve, as opposed to an answer."""
+    if response.status == 429 or response.status >= 500:
+        return UpstreamError(response.upstream, "broken", True, f"answered HTTP {response.status}")
+    return None
+
+
+async def gather_within(
+    deadline_s: float, calls: Sequence[tuple[Upstream, Coroutine[Any, Any, T]]]
+) -> list[T | UpstreamFailures]:
+    """Run one call per upstream concurrently; a call that fails or misses the deadline
+    becomes an UpstreamFailures naming every error it met. The calls are expected to time
+    out by themselves at the deadline (so that the upstream's circuit hears of it); this
+    wait is the safety net."""
+    jobs = [asyncio.create_task(coroutine) for _, coroutine in calls]
+    if not jobs:
+        return []
+    _, late = await asyncio.wait(jobs, timeout=deadline_s + FANOUT_GRACE_S)
+    for job in late:
+        job.cancel()
+    outcomes: list[T | UpstreamFailures] = []
+    for (upstream, _), job in zip(calls, jobs, strict=True):
+        if job in late:
+            outcomes.append(UpstreamFailures([missed_deadline(upstream)]))
+        elif isinstance(exc := job.exception(), UpstreamError):
+            outcomes.append(UpstreamFailures([exc]))
+        elif isinstance(exc, UpstreamFailures):
+            outcomes.append(exc)
+        elif exc is not None:
+            raise exc
+        else:
+            outcomes.append(job.result())
+    return outcomes
+
+
+def missed_deadline(upstream: Upstream) -> UpstreamError:
+    """The error of an upstream that had not answered when the fan-out's deadline passed."""
+    return UpstreamError(upstream.name, "timeout", True, "missed the fan-out deadline")

@@ -152,6 +152,21 @@ def test_registry_with_anonymous_only() -> None:
     assert registry.authenticate(headers(("mj-api-secret", KEY))) is None
 
 
+def test_registry_accepts_every_key_of_a_client() -> None:
+    keys = [f"rotating-key-{n}-5f3a9c" for n in range(4)]
+    config = registry_config(
+        clients=[
+            {"name": "alice", "key": keys[0], "keys": [keys[1]]},
+            {"name": "dash", "key_sha256": hash_key(keys[2]), "key_sha256s": [hash_key(keys[3])]},
+        ]
+    )
+    registry = ClientRegistry(config)
+    for key, name in zip(keys, ["alice", "alice", "dash", "dash"], strict=True):
+        client = registry.authenticate(headers(("mj-api-secret", key)))
+        assert client is not None and client.name == name, key
+    assert registry.authenticate(headers(("mj-api-secret", "rotating-key-9-5f3a9c"))) is None
+
+
 # --- through a running gateway with real sims --------------------------------------------------
 # One gateway and one HTTP client for the module: the sims are shared by the session, so tests
 # compare the sims' counters before and after instead of resetting them.
@@ -208,7 +223,8 @@ def assert_401_json(response: httpx.Response) -> dict[str, Any]:
     assert response.status_code == 401
     assert response.headers["content-type"].startswith("application/json")
     body: dict[str, Any] = response.json()
-    assert set(body) == {"code", "description", "request_id"}
+    assert set(body) == {"code", "description", "request_id", "result"}
+    assert body["result"] is None  # bot plugins read rj["result"] on every answer
     assert isinstance(body["code"], int)
     assert isinstance(body["description"], str) and body["description"]
     assert body["request_id"] == response.headers["x-request-id"]
@@ -341,3 +357,20 @@ def test_anonymous_access_when_allowed(http: httpx.Client, sims: list[SimProcess
     with running_gateway(make_config(sims, allow_anonymous=True)) as running:
         assert fetch(http, running, task_id, {}).status_code == 200
         assert_401_json(fetch(http, running, task_id, {"mj-api-secret": "not-a-caller-key"}))
+
+
+def test_a_key_is_rotated_without_refusing_the_client(
+    http: httpx.Client, sims: list[SimProcess]
+) -> None:
+    """The rotation the README describes: add the new key beside the old, move callers over,
+    then remove the old key."""
+    old, new = "rotation-old-key-8d1e", "rotation-new-key-4b7f"
+    task_id = seeded_id(http, sims[0])
+    both = make_config(sims, clients=[{"name": "alice", "key": old, "keys": [new]}])
+    with running_gateway(both) as running:
+        for key in (old, new):
+            assert fetch(http, running, task_id, {"mj-api-secret": key}).status_code == 200
+    only_new = make_config(sims, clients=[{"name": "alice", "keys": [new]}])
+    with running_gateway(only_new) as running:
+        assert fetch(http, running, task_id, {"mj-api-secret": new}).status_code == 200
+        assert_401_json(fetch(http, running, task_id, {"mj-api-secret": old}))

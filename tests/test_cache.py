@@ -19,8 +19,9 @@ import redis
 
 from gateway.cache import TaskCache, image_expiry, terminal_ttl_s
 from gateway.config import CacheConfig, Config
+from gateway.errors import StoreError
 from gateway.owners import OwnerMap
-from gateway.store import KeySpace, MemoryStore, StoreError
+from gateway.store import KeySpace, MemoryStore
 from tests.support import (
     GatewayThread,
     RedisProcess,
@@ -177,7 +178,7 @@ async def test_l1_is_bounded_by_bytes() -> None:
     await cache.put_tasks([finished(f"t{i}", pad=100) for i in range(4)])
     assert len(cache.l1) == 3
     assert cache.local("java", "t0") is None
-    assert cache.l1._bytes <= cache.l1.max_bytes
+    assert cache.l1.weight <= cache.l1.max_weight
 
 
 async def test_a_body_larger_than_l1_is_kept_in_the_store_only() -> None:

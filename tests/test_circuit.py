@@ -201,7 +201,7 @@ def timed(http: httpx.Client, method: str, url: str, **kwargs: Any) -> tuple[htt
 def assert_circuit_open(response: httpx.Response, upstream: str) -> None:
     assert response.status_code == 503, response.text
     body = response.json()
-    assert set(body) == {"code", "description", "request_id"}
+    assert set(body) == {"code", "description", "result", "request_id"}
     assert upstream in body["description"] and "circuit open" in body["description"], body
 
 

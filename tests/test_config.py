@@ -9,8 +9,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from gateway.config import Config, ConfigError, RedisConfig, Secret, hash_key, redacted
+from gateway.config import (
+    CacheConfig,
+    CircuitConfig,
+    Config,
+    ConfigError,
+    CorsConfig,
+    FanoutConfig,
+    LoggingConfig,
+    MetricsConfig,
+    RateLimitConfig,
+    RedisConfig,
+    Secret,
+    ServerConfig,
+    UpstreamConfig,
+    hash_key,
+    redacted,
+)
 from gateway.configfile import config_from_dict, load_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
@@ -21,6 +38,10 @@ EXAMPLE_ENV = {
 }
 UPSTREAM_KEY = "upstream-secret-abcdef"
 CALLER_KEY = "caller-secret-987654"
+OTHER_KEY = "caller-secret-second-24680"
+# The example's placeholders: digests no key is known to hash to.
+DASHBOARDS_PLACEHOLDER = "0" * 63 + "1"
+OPS_PLACEHOLDER = "0" * 63 + "2"
 
 
 def upstream(**overrides: Any) -> dict[str, Any]:
@@ -80,16 +101,22 @@ def test_example_config_loads_as_is_with_its_env_vars() -> None:
     assert (alice.rate_limit.submit.rps, alice.rate_limit.submit.burst) == (2, 5)
     assert alice.rate_limit.for_class("submit") == ("submit", alice.rate_limit.submit)
     assert alice.rate_limit.for_class("query")[0] == "all"
-    assert dashboards.key_sha256 == hash_key("password")
+    assert dashboards.key_sha256s == (DASHBOARDS_PLACEHOLDER,)
     assert dashboards.upstreams is None
     assert not dashboards.admin and ops.admin
-    assert ops.key_sha256 == hash_key("foo")
+    assert ops.key_sha256s == (OPS_PLACEHOLDER,)
 
     assert config.allow_anonymous is False
     assert config.redis.url.reveal() == ""  # ${REDIS_URL:-} unset: the embedded store
     assert config.redis.key_prefix == "mjgate"
     assert (config.server.host, config.server.port) == ("0.0.0.0", 8080)
-    assert config.server.max_body_bytes == 10485760
+    assert config.server.max_body_bytes == 32 * 1024 * 1024
+    assert (config.server.max_header_bytes, config.server.header_timeout_s) == (16384, 10)
+    assert config.server.body_timeout_s == 30
+    assert config.server.cors.allow_origins == ()
+    assert config.server.secret_key.reveal() == ""  # ${MJGATE_SECRET_KEY:-} unset
+    assert config.server.public_url == ""
+    assert main.max_response_bytes == relay.max_response_bytes == 8 * 1024 * 1024
     assert config.rate_limit.on_store_error == "allow"
     assert config.cache.terminal_ttl_s == 604800
     assert config.cache.not_found_ttl_ms == 2000
@@ -276,17 +303,15 @@ def test_unknown_top_level_key_is_named() -> None:
     assert message.startswith("unknown key")
 
 
-def test_client_needs_key_or_key_sha256() -> None:
-    assert only_problem(document(clients=[{"name": "alice"}])) == (
-        "clients[0]: needs key or key_sha256"
+@pytest.mark.parametrize(
+    "keys",
+    [{}, {"keys": []}, {"key": ""}, {"key_sha256s": []}],
+    ids=["none", "empty-list", "empty", "empty-digests"],
+)
+def test_client_needs_a_key(keys: dict[str, Any]) -> None:
+    assert only_problem(document(clients=[{"name": "alice", **keys}])) == (
+        "clients[0]: needs a key: key, keys, key_sha256 or key_sha256s"
     )
-
-
-def test_client_may_not_have_both_key_and_key_sha256() -> None:
-    data = document(
-        clients=[{"name": "alice", "key": CALLER_KEY, "key_sha256": hash_key(CALLER_KEY)}]
-    )
-    assert only_problem(data) == "clients[0]: set key or key_sha256, not both"
 
 
 @pytest.mark.parametrize("digest", ["abc", "g" * 64, hash_key("x")[:-1], hash_key("x") + "0"])
@@ -434,7 +459,7 @@ def test_several_problems_are_reported_at_once() -> None:
         "upstreams[1].name",
         "upstreams[1].base_url",
         "upstreams[2].key",
-        "clients[0]",
+        "clients[0].key_sha256",
         "redis.url",
         "server.port",
         "logging.format",
@@ -547,3 +572,378 @@ def test_redis_config_default_is_the_embedded_store() -> None:
     assert RedisConfig().url.reveal() == ""
     config: Config = config_from_dict(document(), env={})
     assert config.redis.url.reveal() == ""
+
+
+# --- defaults: stated once, in the dataclasses ------------------------------------------------
+
+
+def test_a_minimal_config_takes_every_default_from_the_dataclasses() -> None:
+    config = config_from_dict(document(), env={})
+    assert config.server == ServerConfig()
+    assert config.redis == RedisConfig()
+    assert config.rate_limit == RateLimitConfig()
+    assert config.cache == CacheConfig()
+    assert config.fanout == FanoutConfig()
+    assert config.circuit == CircuitConfig()
+    assert config.metrics == MetricsConfig()
+    assert config.logging == LoggingConfig()
+    assert (config.allow_anonymous, config.passthrough) == (False, ())
+    assert config.upstreams[0] == UpstreamConfig(
+        name="main", base_url="http://mj.example.com", key=Secret(UPSTREAM_KEY)
+    )
+    assert config.clients[0].rate_limit is None and config.clients[0].admin is False
+
+
+def test_empty_sections_and_an_invalid_value_fall_back_to_the_same_defaults() -> None:
+    data = document(server={}, redis=None, cache={}, fanout=None, metrics={}, logging={})
+    config = config_from_dict(data, env={})
+    assert (config.server, config.cache, config.logging) == (
+        ServerConfig(),
+        CacheConfig(),
+        LoggingConfig(),
+    )
+    assert only_problem(document(server={"port": 0})).startswith("server.port: ")
+
+
+def test_the_defaults_the_readme_promises() -> None:
+    server = ServerConfig()
+    assert server.max_body_bytes == 33554432  # 32 MiB: the C# upstream takes about 30 MB
+    assert (server.max_header_bytes, server.header_timeout_s, server.body_timeout_s) == (
+        16384,
+        10,
+        30,
+    )
+    assert (server.cors, server.secret_key, server.public_url) == (CorsConfig(), Secret(""), "")
+    assert CorsConfig().allow_origins == ()
+    upstream = UpstreamConfig(name="u", base_url="http://u", key=Secret("k"))
+    assert upstream.max_response_bytes == 8 * 1024 * 1024
+    assert upstream.auth == "mj-api-secret"
+
+
+def test_every_config_field_is_named_in_the_example() -> None:
+    text = EXAMPLE.read_text()
+    sections = (
+        ServerConfig,
+        CorsConfig,
+        RedisConfig,
+        UpstreamConfig,
+        RateLimitConfig,
+        CacheConfig,
+        FanoutConfig,
+        CircuitConfig,
+        MetricsConfig,
+        LoggingConfig,
+        Config,
+    )
+    for section in sections:
+        for field in dataclasses.fields(section):
+            assert f"{field.name}:" in text, f"{section.__name__}.{field.name}"
+    for client_key in ("key:", "key_sha256:", "keys:", "key_sha256s:", "admin:"):
+        assert client_key in text
+
+
+# --- new server and upstream settings ---------------------------------------------------------
+
+
+def test_new_server_settings_are_read() -> None:
+    secret_key = "s" * 32
+    data = document(
+        server={
+            "max_header_bytes": 8192,
+            "header_timeout_s": 2.5,
+            "body_timeout_s": 12,
+            "cors": {"allow_origins": ["https://UI.example.com", "http://localhost:5173"]},
+            "secret_key": "${SECRET_KEY}",
+            "public_url": "https://mj.example.com/gateway/",
+        },
+        upstreams=[upstream(max_response_bytes=1024)],
+    )
+    config = config_from_dict(data, env={"SECRET_KEY": secret_key})
+    server = config.server
+    assert (server.max_header_bytes, server.header_timeout_s, server.body_timeout_s) == (
+        8192,
+        2.5,
+        12,
+    )
+    # Origins as browsers send them (lower case); the public URL without a trailing slash.
+    assert server.cors.allow_origins == ("https://ui.example.com", "http://localhost:5173")
+    assert server.secret_key.reveal() == secret_key
+    assert server.public_url == "https://mj.example.com/gateway"
+    assert config.upstreams[0].max_response_bytes == 1024
+    assert secret_key not in repr(config)
+    assert redacted(config)["server"]["secret_key"] == "<redacted>"
+
+
+def test_cors_may_allow_every_origin() -> None:
+    config = config_from_dict(document(server={"cors": {"allow_origins": ["*"]}}), env={})
+    assert config.server.cors.allow_origins == ("*",)
+
+
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        ({"max_header_bytes": 100}, "server.max_header_bytes: must be at least 1024"),
+        ({"header_timeout_s": 0}, "server.header_timeout_s: must be greater than 0"),
+        ({"body_timeout_s": -1}, "server.body_timeout_s: must be greater than 0"),
+        ({"max_body_bytes": 0}, "server.max_body_bytes: must be at least 1"),
+        ({"cors": {"allow_origins": "*"}}, "server.cors.allow_origins: must be a list of origins"),
+        (
+            {"cors": {"allow_origins": ["https://a.example.com", "https://b.example.com/"]}},
+            'server.cors.allow_origins[1]: must be "*" or an origin like '
+            "https://app.example.com (no path)",
+        ),
+        (
+            {"cors": {"allow_origins": ["*", "https://a.example.com"]}},
+            'server.cors.allow_origins: "*" allows every origin: list it alone',
+        ),
+        (
+            {"cors": {"origins": ["*"]}},
+            "server.cors.origins: unknown key (expected one of: allow_origins)",
+        ),
+        (
+            {"public_url": "mj.example.com"},
+            "server.public_url: must be an http:// or https:// URL with a host",
+        ),
+        (
+            {"public_url": "https://u:p@mj.example.com"},
+            "server.public_url: must not hold credentials",
+        ),
+        (
+            {"public_url": "https://mj.example.com/?a=1"},
+            "server.public_url: must not have a query or fragment",
+        ),
+    ],
+)
+def test_new_server_settings_are_validated(server: dict[str, Any], expected: str) -> None:
+    assert only_problem(document(server=server)) == expected
+
+
+def test_a_short_secret_key_is_refused_without_showing_it() -> None:
+    problem = only_problem(document(server={"secret_key": "short-signing-key-9"}))
+    assert problem.startswith("server.secret_key: must be at least 32 characters")
+    assert "short-signing-key-9" not in problem
+
+
+def test_max_response_bytes_is_validated() -> None:
+    problem = only_problem(document(upstreams=[upstream(max_response_bytes=0)]))
+    assert problem == "upstreams[0].max_response_bytes: must be at least 1"
+
+
+# --- weak keys --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["password", "foo", "123456", "Password", "QWERTY", "changeme"])
+def test_a_well_known_weak_key_is_refused_naming_the_client(key: str) -> None:
+    data = document(
+        clients=[
+            {"name": "alice", "key": CALLER_KEY},
+            {"name": "dashboards", "key": OTHER_KEY},
+            {"name": "ops", "key": key, "admin": True},
+        ]
+    )
+    assert only_problem(data) == "clients[2].key: is a well-known weak key (client 'ops')"
+
+
+def test_the_digest_of_a_weak_key_is_refused_too() -> None:
+    data = document(clients=[{"name": "dashboards", "key_sha256": hash_key("password").upper()}])
+    assert only_problem(data) == (
+        "clients[0].key_sha256: is the digest of a well-known weak key (client 'dashboards')"
+    )
+
+
+def test_each_weak_key_is_one_line_wherever_it_is_given() -> None:
+    data = document(
+        clients=[
+            {"name": "alice", "key": CALLER_KEY, "keys": ["letmein"]},
+            {"name": "ops", "key_sha256s": [hash_key(OTHER_KEY), hash_key("foo")]},
+        ]
+    )
+    assert problems_of(data) == [
+        "clients[0].keys[0]: is a well-known weak key (client 'alice')",
+        "clients[1].key_sha256s[1]: is the digest of a well-known weak key (client 'ops')",
+    ]
+
+
+def test_the_guessable_keys_the_example_used_to_ship_are_refused() -> None:
+    """The example once gave dashboards the digest of 'password' and ops that of 'foo'."""
+    env = {
+        **EXAMPLE_ENV,
+        "DASHBOARDS_KEY_SHA256": hash_key("password"),
+        "OPS_KEY_SHA256": hash_key("foo"),
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_config(EXAMPLE, env=env)
+    assert caught.value.problems == [
+        "clients[1].key_sha256: is the digest of a well-known weak key (client 'dashboards')",
+        "clients[2].key_sha256s[0]: is the digest of a well-known weak key (client 'ops')",
+    ]
+
+
+def test_the_example_takes_real_digests_from_its_variables() -> None:
+    env = {
+        **EXAMPLE_ENV,
+        "DASHBOARDS_KEY_SHA256": hash_key(CALLER_KEY),
+        "OPS_KEY_SHA256": hash_key(OTHER_KEY),
+    }
+    _, dashboards, ops = load_config(EXAMPLE, env=env).clients
+    assert dashboards.key_sha256s == (hash_key(CALLER_KEY),)
+    assert ops.key_sha256s == (hash_key(OTHER_KEY),)
+
+
+# --- several keys per client ------------------------------------------------------------------
+
+
+def test_a_client_may_hold_keys_in_any_combination() -> None:
+    keys = [f"rotation-key-{n}-{'x' * 12}" for n in range(6)]
+    data = document(
+        clients=[
+            {
+                "name": "alice",
+                "key": keys[0],
+                "key_sha256": hash_key(keys[1]),
+                "keys": [keys[2], keys[3]],
+                "key_sha256s": [hash_key(keys[4]), hash_key(keys[5]).upper()],
+            },
+            {"name": "bob", "keys": ["bob-only-key-13579"]},
+            {"name": "carol", "key_sha256s": [hash_key("carol-only-key-97531")]},
+        ]
+    )
+    alice, bob, carol = config_from_dict(data, env={}).clients
+    assert alice.key_sha256s == tuple(hash_key(k) for k in keys)
+    assert alice.key_sha256 == hash_key(keys[0])
+    assert bob.key_sha256s == (hash_key("bob-only-key-13579"),)
+    assert carol.key_sha256s == (hash_key("carol-only-key-97531"),)
+
+
+def test_a_key_shared_by_two_clients_names_both() -> None:
+    data = document(
+        clients=[
+            {"name": "alice", "keys": [OTHER_KEY, CALLER_KEY]},
+            {"name": "bob", "key": "bob-secret-key"},
+            {"name": "carol", "key_sha256s": [hash_key("carol-key-5555"), hash_key(CALLER_KEY)]},
+        ]
+    )
+    assert only_problem(data) == (
+        "clients[2].key_sha256s[1]: client 'carol' has the same key as clients[0].keys[1] "
+        "(client 'alice')"
+    )
+
+
+def test_a_key_given_twice_to_one_client_is_a_problem() -> None:
+    data = document(clients=[{"name": "alice", "key": CALLER_KEY, "keys": [CALLER_KEY]}])
+    assert only_problem(data) == (
+        "clients[0].keys[0]: client 'alice' has the same key as clients[0].key (client 'alice')"
+    )
+
+
+@pytest.mark.parametrize("field", ["keys", "key_sha256s"])
+def test_key_lists_must_be_lists(field: str) -> None:
+    data = document(clients=[{"name": "alice", field: "one-key-only-12345"}])
+    # One line: the client does have a key, given in the wrong shape.
+    assert only_problem(data) == f"clients[0].{field}: must be a list"
+
+
+def test_bad_entries_in_key_lists_name_their_index() -> None:
+    data = document(clients=[{"name": "alice", "keys": [CALLER_KEY, None], "key_sha256s": ["abc"]}])
+    assert sorted(problems_of(data)) == [
+        "clients[0].key_sha256s[0]: must be 64 hex digits (see: mjgate hash-key)",
+        "clients[0].keys[1]: must be a non-empty string",
+    ]
+
+
+def test_unset_var_in_a_key_list_is_reported_once() -> None:
+    data = document(clients=[{"name": "alice", "keys": [CALLER_KEY, "${NEW_KEY}"]}])
+    assert only_problem(data) == "clients[0].keys[1]: environment variable NEW_KEY is not set"
+
+
+# --- malformed interpolation and upstream weights ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("${ALICE_KEY", "has an unclosed or malformed ${...}"),
+        ("${1ALICE}", "has an unclosed or malformed ${...}"),
+        ("$ALICE_KEY", "has $NAME without braces, which is not interpolated"),
+        ("prefix-$ALICE_KEY", "has $NAME without braces, which is not interpolated"),
+    ],
+)
+def test_malformed_variables_are_problems_not_literal_keys(value: str, message: str) -> None:
+    data = document(clients=[{"name": "alice", "key": value}])
+    problem = only_problem(data, env={"ALICE_KEY": CALLER_KEY, "ALICE": CALLER_KEY})
+    assert problem.startswith(f"clients[0].key: {message}")
+
+
+def test_the_same_mistake_twice_in_one_value_is_one_line() -> None:
+    problem = only_problem(document(clients=[{"name": "alice", "key": "$A-$B"}]))
+    assert problem.startswith("clients[0].key: has $NAME without braces")
+
+
+def test_a_doubled_dollar_is_a_literal_dollar() -> None:
+    data = document(clients=[{"name": "alice", "key": "pa$$word-with-$${braces}-${SUFFIX}"}])
+    config = config_from_dict(data, env={"SUFFIX": "end"})
+    assert config.clients[0].key_sha256 == hash_key("pa$word-with-${braces}-end")
+
+
+def test_a_value_from_the_environment_is_taken_as_it_is() -> None:
+    key = "from-env-$HOME-${PATH}-$$"
+    config = config_from_dict(document(clients=[{"name": "alice", "key": "${K}"}]), {"K": key})
+    assert config.clients[0].key_sha256 == hash_key(key)
+
+
+def test_strings_without_a_dollar_are_left_alone() -> None:
+    config = config_from_dict(document(redis={"key_prefix": "team-a"}), env={})
+    assert config.redis.key_prefix == "team-a"
+
+
+def test_every_upstream_with_weight_zero_is_a_problem() -> None:
+    data = document(upstreams=[upstream(weight=0), upstream(name="relay", weight="0")])
+    assert only_problem(data) == "upstreams: every upstream has weight 0, so none takes new submits"
+    fine = document(upstreams=[upstream(weight=0), upstream(name="relay", weight=0.5)])
+    assert [u.weight for u in config_from_dict(fine, env={}).upstreams] == [0, 0.5]
+
+
+# --- Redis passwords in check-config output ---------------------------------------------------
+
+
+def test_a_sentinel_entry_with_a_password_is_refused_without_showing_it() -> None:
+    data = document(
+        redis={"sentinels": ["sentinel-0:26379", "redis://:sentinel-pw-4242@sentinel-1:26379"]}
+    )
+    problem = only_problem(data)
+    assert problem.startswith("redis.sentinels[1]: must be host:port, without credentials")
+    assert "sentinel-pw-4242" not in problem
+
+
+@pytest.mark.parametrize("entry", ["sentinel-0", "sentinel-0:port", ":26379", "s/0:26379", "s:0"])
+def test_a_sentinel_entry_must_be_host_and_port(entry: str) -> None:
+    assert only_problem(document(redis={"sentinels": [entry]})) == (
+        "redis.sentinels[0]: must be host:port"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:p@ss:w0rd-77@/0", "redis://:<redacted>@/0"),
+        ("redis://default:p@ss:w0rd-77@cache:6379/0", "redis://default:<redacted>@cache:6379/0"),
+        ("redis://cache:6379/0?password=p@ss:w0rd-77", "redis://cache:6379/0?password=<redacted>"),
+        (
+            "rediss://cache:6380/0?ssl_cert_reqs=none&PASSWORD=p@ss:w0rd-77",
+            "rediss://cache:6380/0?ssl_cert_reqs=none&PASSWORD=<redacted>",
+        ),
+    ],
+)
+def test_check_config_output_never_holds_the_redis_password(url: str, shown: str) -> None:
+    """``redacted`` is what ``mjgate check-config`` prints: with Sentinel, ``url`` lends the
+    master's password, which may hold ``@`` and ``:``."""
+    data = document(
+        redis={"url": url, "sentinels": ["sentinel-0:26379", "10.0.0.7:26380"]},
+        metrics={"token": "metrics-token-1618"},
+    )
+    shown_config = redacted(config_from_dict(data, env={}))
+    printed = yaml.safe_dump(shown_config, sort_keys=False)
+    assert "w0rd-77" not in printed and "metrics-token-1618" not in printed
+    assert shown_config["redis"]["url"] == shown
+    # Sentinels as they are written in a config file.
+    assert shown_config["redis"]["sentinels"] == ["sentinel-0:26379", "10.0.0.7:26380"]

@@ -14,12 +14,13 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ import yaml
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.configfile import config_from_dict
+from gateway.master import bind_address
 from tests.redis_topologies import listen_port
 from tests.support import (
     CALLER_KEYS,
@@ -60,6 +63,7 @@ class Gunicorn:
     metrics_dir: Path
     stderr_path: Path
     workers: int
+    config_path: Path
 
     @property
     def stderr(self) -> str:
@@ -109,31 +113,58 @@ class Gunicorn:
                 self.proc.wait(timeout=5)
 
 
+def gunicorn_env(config_path: Path, **extra: str) -> dict[str, str]:
+    """This environment without the gateway's variables, then ``MJGATE_CONFIG`` and ``extra``."""
+    drop = ("REDIS_URL", "MJGATE_CONFIG", "MJGATE_BIND", "WEB_CONCURRENCY")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "MJGATE_CONFIG": str(config_path), **extra}
+
+
+def with_server(config: dict[str, Any]) -> dict[str, Any]:
+    """The config listening on a free loopback port, unless it says where itself."""
+    return {"server": {"host": "127.0.0.1", "port": listen_port()}, **config}
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 @contextmanager
-def gunicorn(tmp_path: Path, config: dict[str, Any], workers: int = 2) -> Iterator[Gunicorn]:
-    """``gunicorn -c deploy/gunicorn.conf.py`` on a free loopback port, as the image runs it."""
-    port = listen_port()
+def gunicorn(
+    tmp_path: Path,
+    config: dict[str, Any],
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
+) -> Iterator[Gunicorn]:
+    """``gunicorn -c deploy/gunicorn.conf.py`` as the image runs it, listening where the
+    config's ``server`` section says (a free loopback port when the test sets none), or
+    where ``MJGATE_BIND`` in ``env`` or ``--bind`` in ``args`` says instead."""
+    config = with_server(config)
     name = uuid.uuid4().hex[:8]
     config_path = tmp_path / f"mjgate-{name}.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_config(config_path, config)
     metrics_dir = tmp_path / f"metrics-{name}"
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update(
-        MJGATE_CONFIG=str(config_path),
-        MJGATE_BIND=f"127.0.0.1:{port}",
+    env = gunicorn_env(
+        config_path,
         WEB_CONCURRENCY=str(workers),
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        **(env or {}),
     )
+    if "--bind" in args:
+        address = args[args.index("--bind") + 1]
+    else:
+        address = env.get("MJGATE_BIND") or f"{config['server']['host']}:{config['server']['port']}"
     stderr_path = tmp_path / f"gunicorn-{name}.err"
     with stderr_path.open("wb") as err:
         proc = subprocess.Popen(
-            [str(GUNICORN), "-c", "deploy/gunicorn.conf.py"],
+            [str(GUNICORN), "-c", "deploy/gunicorn.conf.py", *args],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,  # the gateway's JSON lines: not needed here
             stderr=err,
         )
-    server = Gunicorn(proc, f"http://127.0.0.1:{port}", metrics_dir, stderr_path, workers)
+    server = Gunicorn(proc, f"http://{address}", metrics_dir, stderr_path, workers, config_path)
     try:
         server.wait_started(workers)
         yield server
@@ -629,3 +660,128 @@ def test_a_rolling_reload_under_load_loses_no_request(
     assert run.in_flight_at_signal("upstream") >= 8, run.describe()
     # The new workers took the traffic over.
     assert all(sum(served.get(pid, Counter()).values()) > 0 for pid in new_pids), served
+
+
+# -- where it listens, config errors, reloads ------------------------------------------------
+
+
+def test_gunicorn_listens_only_where_the_config_says(two_workers: Gunicorn) -> None:
+    """``server.host`` and ``server.port`` decide (gunicorn used to listen on 0.0.0.0:8080
+    whatever they said): on 127.0.0.1 only, so another loopback address is refused."""
+    address = two_workers.url.removeprefix("http://")
+    assert f"Listening at: http://{address} " in two_workers.stderr
+    assert "MJGATE_BIND or --bind" not in two_workers.stderr
+    assert httpx.get(f"{two_workers.url}/healthz", timeout=5).status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.2:{address.rsplit(':', 1)[1]}/healthz", timeout=5)
+
+
+@pytest.mark.parametrize("how", ["MJGATE_BIND", "--bind"])
+def test_mjgate_bind_or_bind_overrides_the_config_and_says_so(
+    tmp_path: Path, sims: list[SimProcess], how: str
+) -> None:
+    config = with_server(config_data(sims, ""))
+    configured = f"127.0.0.1:{config['server']['port']}"
+    override = f"127.0.0.1:{listen_port()}"
+    env = {"MJGATE_BIND": override} if how == "MJGATE_BIND" else {}
+    args = ("--bind", override) if how == "--bind" else ()
+    with gunicorn(tmp_path, config, workers=1, env=env, args=args) as server:
+        assert server.url == f"http://{override}"
+        assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://{configured}/healthz", timeout=5)
+        warning = f"listening on {override} (MJGATE_BIND or --bind), not on {configured}"
+        assert server.count(warning) == 1
+
+
+def test_the_address_of_the_config_in_gunicorns_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MJGATE_BIND", raising=False)
+    upstream = {"name": "main", "base_url": "http://127.0.0.1:9", "key": "upstream-key-0123"}
+    document = {"upstreams": [upstream], "allow_anonymous": True}
+    config = config_from_dict({**document, "server": {"host": "::1", "port": 28480}}, env={})
+    assert bind_address(config) == "[::1]:28480"
+    monkeypatch.setenv("MJGATE_BIND", "0.0.0.0:9000")
+    assert bind_address(config) == "0.0.0.0:9000"
+
+
+BROKEN_CONFIGS = {
+    "invalid values": (
+        "upstreams:\n  - {name: main, base_url: 'ftp://x', auth: nope, key: k-0123456789}\n"
+        "clients: []\n",
+        3,
+    ),
+    "invalid YAML": ("upstreams: [\n", 1),
+    "no such file": (None, 1),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_CONFIGS))
+def test_a_config_error_stops_gunicorn_with_the_lines_mjgate_serve_prints(
+    tmp_path: Path, broken: str
+) -> None:
+    """One line per problem and exit status 2, exactly as ``mjgate serve`` (it used to be a
+    74-line traceback and status 3)."""
+    text, problems = BROKEN_CONFIGS[broken]
+    path = tmp_path / "broken.yaml"
+    if text is not None:
+        path.write_text(text)
+    command = [str(GUNICORN), "-c", "deploy/gunicorn.conf.py"]
+    under_gunicorn = subprocess.run(
+        command, cwd=ROOT, env=gunicorn_env(path), capture_output=True, text=True, timeout=60
+    )
+    serve = [str(GUNICORN.parent / "mjgate"), "serve", "--config", str(path)]
+    served = subprocess.run(serve, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert under_gunicorn.returncode == served.returncode == 2
+    assert under_gunicorn.stderr == served.stderr
+    lines = under_gunicorn.stderr.splitlines()
+    assert lines[0] == f"mjgate: invalid config {path}:"
+    assert len(lines) == 1 + problems, lines
+
+
+ROTATED_KEY = "alice-rotated-key-7Hq2Zp"
+
+
+@pytest.mark.parametrize("breakage", ["invalid values", "address in use"])
+def test_a_reload_with_a_broken_config_keeps_the_running_workers(
+    tmp_path: Path, sims: list[SimProcess], redis_server: RedisProcess, breakage: str
+) -> None:
+    """SIGHUP with a broken config used to stop the whole gateway ("Worker failed to
+    boot", master gone, connections refused). Now the reload is refused, one line per
+    problem, and the same workers keep serving; once fixed, a SIGHUP applies it."""
+    task_id = new_id()
+    sims[0].seed(id=task_id, status="SUCCESS")
+    with gunicorn(tmp_path, config_data(sims, redis_server.url)) as server:
+        config = yaml.safe_load(server.config_path.read_text())
+        workers = server.booted_pids()
+        with socket.create_server(("127.0.0.1", listen_port())) as held:
+            if breakage == "address in use":
+                busy = held.getsockname()[1]
+                server_section = {"host": "127.0.0.1", "port": busy}
+                write_config(server.config_path, {**config, "server": server_section})
+                problems = 1
+            else:
+                broken = {**config, "upstreams": [{**config["upstreams"][0], "auth": "nope"}]}
+                write_config(server.config_path, {**broken, "fanout": {"deadline_s": -1}})
+                problems = 2
+            server.proc.send_signal(signal.SIGHUP)
+            refused = f"reload of {server.config_path} refused, the running config stays: "
+            wait_until(lambda: server.count(refused) == problems, what="the refusal")
+        fetch = f"{server.url}/mj/task/{task_id}/fetch"
+        assert httpx.get(fetch, headers=caller("alice"), timeout=10).status_code == 200
+        assert server.proc.poll() is None
+        assert server.booted_pids() == workers
+        assert "Application shutdown complete." not in server.stderr
+
+        alice = {"name": "alice", "key": ROTATED_KEY}
+        write_config(server.config_path, {**config, "clients": [alice]})
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_started(4)
+        wait_until(
+            lambda: server.count("Application shutdown complete.") == 2,
+            timeout_s=40,
+            what="the old workers to finish",
+        )
+        rotated = {"Authorization": f"Bearer {ROTATED_KEY}"}
+        assert httpx.get(fetch, headers=rotated, timeout=10).status_code == 200
+        assert httpx.get(fetch, headers=caller("alice"), timeout=10).status_code == 401
+        assert server.count(refused) == problems

@@ -273,15 +273,16 @@ def test_insight_face_is_routed_like_a_submit(sims: list[SimProcess]) -> None:
 
 
 def test_weight_zero_upstreams_serve_lookups_but_no_submits(sims: list[SimProcess]) -> None:
-    java, csharp = sims[0], sims[1]
+    """bob may use only the first upstream, which has weight 0: lookups, never submits."""
+    java, relay = sims[0], sims[2]
     task_id = unique_id()
-    csharp.seed(id=task_id, prompt="still readable")
-    upstreams = [java.upstream_config(weight=0), csharp.upstream_config(weight=0)]
-    with running_gateway(config_for(upstreams)) as gw, client(gw) as http:
+    java.seed(id=task_id, prompt="still readable")
+    upstreams = [java.upstream_config(weight=0), relay.upstream_config(weight=1)]
+    with running_gateway(config_for(upstreams)) as gw, client(gw, "bob") as http:
         assert_error(http.post("/mj/submit/imagine", json={"prompt": "nowhere"}), 503)
         fetched = http.get(f"/mj/task/{task_id}/fetch")
     assert fetched.status_code == 200 and fetched.json()["prompt"] == "still readable"
-    assert submits(java) == 0 and submits(csharp) == 0
+    assert submits(java) == 0 and submits(relay) == 0
 
 
 def test_null_task_id_on_a_fresh_submit_is_no_parent(sims: list[SimProcess]) -> None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import yaml
 from structlog.processors import JSONRenderer
 
-from gateway.logs import SecretRedactor
+from gateway.configfile import config_from_dict
+from gateway.logs import LINE_LIMIT, SecretRedactor, fit_line, redact_credential_fields, secrets_of
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "upstream-secret-key-4242"
@@ -111,14 +115,19 @@ def test_known_secret_inside_a_nested_value_is_masked() -> None:
 # --- the configured pipeline in a real process -----------------------------------------------
 
 
-def run_logging(fmt: str, level: str, body: str) -> subprocess.CompletedProcess[str]:
+def run_logging(
+    fmt: str, level: str, body: str, secrets: str = f"[{KEY!r}, {OTHER!r}]"
+) -> subprocess.CompletedProcess[str]:
+    """``body`` run after ``configure_logging`` with the secrets of the Python expression
+    ``secrets``, in a process of its own; what it wrote."""
     script = textwrap.dedent(
         f"""
         import structlog
         from gateway.config import LoggingConfig
-        from gateway.logs import configure_logging
+        from gateway.configfile import load_config
+        from gateway.logs import configure_logging, secrets_of
 
-        configure_logging(LoggingConfig(level={level!r}, format={fmt!r}), [{KEY!r}, {OTHER!r}])
+        configure_logging(LoggingConfig(level={level!r}, format={fmt!r}), {secrets})
         log = structlog.get_logger("mjgate.test")
         """
     )
@@ -172,3 +181,168 @@ def test_console_format_redacts_too() -> None:
     assert "console line" in result.stdout
     assert KEY not in result.stdout
     assert "[redacted]" in result.stdout
+
+
+# --- credential fields in JSON mode, in any letter case ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field", ["authorization", "Authorization", "MJ-API-SECRET", "Mj-Api-Secret", "API_KEY", "Key"]
+)
+def test_json_mode_masks_credential_fields_whatever_their_case(field: str) -> None:
+    event = redact_credential_fields(None, "info", {field: "caller-key-77", "event": "x"})
+    assert event == {field: "[redacted]", "event": "x"}
+
+
+def test_json_lines_mask_credential_fields_in_any_case_at_any_depth() -> None:
+    result = run_logging(
+        "json",
+        "info",
+        """
+        log.info(
+            "hello",
+            Authorization="Bearer caller-key-71",
+            PASSWORD="caller-key-72",
+            headers={"MJ-API-SECRET": "caller-key-73", "Accept": "application/json"},
+        )
+        """,
+        secrets="[]",
+    )
+    assert "caller-key-7" not in result.stdout
+    (line,) = [json.loads(raw) for raw in result.stdout.splitlines()]
+    assert line["Authorization"] == line["PASSWORD"] == "[redacted]"
+    assert line["headers"] == {"MJ-API-SECRET": "[redacted]", "Accept": "application/json"}
+
+
+# --- every secret of a config -----------------------------------------------------------------
+
+UPSTREAM_KEYS = ("sk-java-Zq7pX2mJ9v-distinctive", "relay:key@with-odd-chars-5521")
+REDIS_PASSWORD = "p@ss:w0rd@Redis-61"
+METRICS_TOKEN = "metrics-token-7781-ZZ"
+SECRET_KEY = "signing-key-0123456789abcdef0123456789"
+
+
+def secret_config_document() -> dict[str, Any]:
+    return {
+        "server": {"secret_key": SECRET_KEY},
+        "redis": {"url": f"redis://:{REDIS_PASSWORD}@127.0.0.1:6379/0"},
+        "upstreams": [
+            {"name": f"u{i}", "base_url": f"http://127.0.0.1:{9000 + i}", "key": key}
+            for i, key in enumerate(UPSTREAM_KEYS)
+        ],
+        "clients": [{"name": "alice", "key": "alice-key-0123456789"}],
+        "metrics": {"token": METRICS_TOKEN},
+    }
+
+
+def test_secrets_of_holds_every_secret_of_the_config() -> None:
+    """The Redis password holds ``@`` and ``:``: it is read as a URL parser reads it, not
+    cut at the first ``@``."""
+    config = config_from_dict(secret_config_document(), env={})
+    expected = {*UPSTREAM_KEYS, REDIS_PASSWORD, METRICS_TOKEN, SECRET_KEY}
+    assert set(secrets_of(config)) == expected
+
+
+def test_secrets_of_holds_a_redis_password_as_written_and_as_sent() -> None:
+    document = secret_config_document()
+    document["redis"]["url"] = "redis://mjgate:pa%40ss%3Aword@127.0.0.1:6379/0"
+    secrets = secrets_of(config_from_dict(document, env={}))
+    assert {"pa%40ss%3Aword", "pa@ss:word"} <= set(secrets)
+
+
+def test_no_secret_of_the_config_reaches_a_log_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(secret_config_document()))
+    every = [*UPSTREAM_KEYS, REDIS_PASSWORD, METRICS_TOKEN, SECRET_KEY]
+    result = run_logging(
+        "json",
+        "info",
+        f"""
+        every = {every!r}
+        log.info("joined", detail=" ".join(every), nested={{"list": every}})
+        for secret in every:
+            log.warning("one", error=f"upstream said: {{secret}}!")
+        try:
+            raise ConnectionError("AUTH " + "{REDIS_PASSWORD}" + " refused")
+        except ConnectionError:
+            log.error("store_error", exc_info=True)
+        """,
+        secrets=f"secrets_of(load_config({str(path)!r}))",
+    )
+    lines = [json.loads(raw) for raw in result.stdout.splitlines()]
+    assert len(lines) == 2 + len(every)
+    for secret in every:
+        assert secret not in result.stdout
+    # Nor a piece of one: the old redactor masked only what followed the last ":" before
+    # the first "@" of the Redis URL.
+    assert "w0rd" not in result.stdout
+    assert "Redis-61" not in result.stdout
+
+
+# --- whole lines from several processes on one pipe -----------------------------------------
+
+
+def test_lines_of_two_processes_on_one_pipe_arrive_whole() -> None:
+    """Two real processes log long lines (200 to 4000 bytes) as fast as they can into one
+    pipe whose reader is slow, so the pipe is often full: a write bigger than PIPE_BUF is
+    then split, and the other process's lines land inside it. With 64 KiB writes, about
+    one line in twenty came out broken here."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import structlog
+        from gateway.config import LoggingConfig
+        from gateway.logs import configure_logging
+
+        configure_logging(LoggingConfig(), [])
+        log = structlog.get_logger("mjgate.test")
+        for n in range(3000):
+            log.info("line", writer=sys.argv[1], n=n, pad="x" * (200 + n * 37 % 3800))
+        """
+    )
+    read_end, write_end = os.pipe()
+    writers = [
+        subprocess.Popen([sys.executable, "-c", script, name], stdout=write_end, cwd=ROOT)
+        for name in ("a", "b")
+    ]
+    os.close(write_end)
+    received = bytearray()
+    with os.fdopen(read_end, "rb") as pipe:
+        while chunk := pipe.read1(8192):
+            received += chunk
+            time.sleep(0.0005)
+    assert [writer.wait(timeout=30) for writer in writers] == [0, 0]
+    lines = [json.loads(raw) for raw in received.splitlines()]
+    for name in ("a", "b"):
+        assert [line["n"] for line in lines if line["writer"] == name] == list(range(3000))
+
+
+def test_a_line_longer_than_pipe_buf_is_cut_to_fit_keeping_its_ends() -> None:
+    result = run_logging(
+        "json",
+        "info",
+        f"""
+        try:
+            raise ValueError("{KEY}" + "-detail" * 2000 + " {KEY} end of message")
+        except ValueError:
+            log.error("failed", exc_info=True, upstream="java")
+        """,
+    )
+    (raw,) = result.stdout.splitlines()
+    assert len(raw.encode()) < LINE_LIMIT
+    assert KEY not in raw
+    line = json.loads(raw)
+    assert line["upstream"] == "java"
+    assert line["exception"].startswith("Traceback (most recent call last):")
+    assert line["exception"].endswith("[redacted] end of message")
+    assert "chars cut]..." in line["exception"]
+
+
+def test_fit_line_cuts_the_longest_values_whatever_their_type() -> None:
+    line = orjson.dumps({"event": "x", "ids": list(range(3000)), "note": "n" * 3000})
+    fitted = fit_line(line, 1000)
+    assert len(fitted) <= 1000
+    event = json.loads(fitted)
+    assert event["event"] == "x"
+    assert event["ids"].startswith("[0,1,2") and event["ids"].endswith("2998,2999]")
+    assert event["note"].startswith("nnn") and event["note"].endswith("nnn")

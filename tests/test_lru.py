@@ -98,3 +98,29 @@ def test_one_entry() -> None:
     lru.set(2, "two")
     assert lru.get(1) is None
     assert lru.get(2) == "two"
+
+
+def test_weight_bound_evicts_oldest_until_it_fits() -> None:
+    lru: LRU[str, bytes] = LRU(10, max_weight=10, weigh=len)
+    lru.set("a", b"1234")
+    lru.set("b", b"1234")
+    lru.set("c", b"1234")
+    assert "a" not in lru
+    assert lru.weight == 8
+
+
+def test_weight_of_a_replaced_value_is_released() -> None:
+    lru: LRU[str, bytes] = LRU(10, max_weight=10, weigh=len)
+    lru.set("a", b"123456")
+    lru.set("a", b"12")
+    assert lru.weight == 2
+    lru.pop("a")
+    assert lru.weight == 0
+
+
+def test_a_value_heavier_than_the_bound_is_not_kept() -> None:
+    lru: LRU[str, bytes] = LRU(10, max_weight=4, weigh=len)
+    lru.set("a", b"12")
+    lru.set("big", b"12345")
+    assert "big" not in lru
+    assert lru.get("a") == b"12"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -309,7 +311,8 @@ def test_serve_keeps_every_key_out_of_logs_and_error_bodies(
             assert secret not in response.text
         if status >= 400:
             error = response.json()
-            assert set(error) == {"code", "description", "request_id"}
+            assert set(error) == {"code", "description", "result", "request_id"}
+            assert error["result"] is None
             assert error["request_id"] == response.headers["x-request-id"]
 
     lines = log_lines(stdout) + log_lines(stderr)
@@ -411,3 +414,93 @@ def test_serve_with_a_bad_config_fails_with_its_problems_and_no_keys(tmp_path: P
     assert "clients[0]" in result.stderr
     assert "upstream-k-2222" not in result.stderr + result.stdout
     assert "caller-k-3333" not in result.stderr + result.stdout
+
+
+def test_serve_does_not_import_the_simulator(tmp_path: Path, sims: list[SimProcess]) -> None:
+    """`mjgate serve` loads only what serving needs: not the simulator, the demo or the purge
+    tool. ``-X importtime`` lists every module the process imports, at start-up and later."""
+    port = free_port()
+    config = gateway_yaml(tmp_path, sims, port)
+    command = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config),
+    ]
+    with serving(tmp_path, command, port=port) as server:
+        answer = httpx.get(
+            f"{server.url}/mj/task/{seed(sims[0])}/fetch",
+            headers={"Authorization": f"Bearer {CALLER_KEYS['alice']}"},
+        )
+        assert answer.status_code == 200, answer.text
+        _, stderr = server.stop()
+    imported = {
+        line.rpartition("|")[2].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert {"gateway.server", "gateway.app"} <= imported
+    unneeded = {"gateway.sim", "gateway.demo", "gateway.purge"}
+    assert sorted(m for m in imported if m in unneeded or m.startswith("gateway.sim.")) == []
+
+
+def test_sim_reads_its_own_flags_and_other_commands_refuse_unknown_ones() -> None:
+    helped = run_cli("sim", "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: mjgate sim")
+    assert "--flavor" in helped.stdout and "--queue-full-rate" in helped.stdout
+    wrong = run_cli("sim", "--flavor", "cobol")
+    assert wrong.returncode == 2
+    assert "invalid choice: 'cobol'" in wrong.stderr
+    unknown = run_cli("serve", "--flavor", "java")
+    assert unknown.returncode == 2
+    assert "unrecognized arguments: --flavor java" in unknown.stderr
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+def test_demo_on_a_busy_port_says_so_in_one_line_and_fails() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("demo", "--port", str(port))
+    assert result.returncode != 0
+    assert result.stdout == ""  # no banner for a demo that never started
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+    assert "--port" in result.stderr
+
+
+def test_make_demo_takes_a_port(tmp_path: Path) -> None:
+    """`make demo PORT=...` serves the demo on that port (-o: the venv is taken as built)."""
+    venv = Path(sys.executable).parent.parent
+    port = free_port()
+    command = ["make", "--no-print-directory", "-o", f"{venv}/bin/mjgate", f"VENV={venv}"]
+    output = tmp_path / "demo.out"
+    with output.open("wb") as out:
+        proc = subprocess.Popen(
+            [*command, "demo", f"PORT={port}"],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: url in output.read_text(), timeout_s=30, what="the demo's banner")
+        answer = httpx.get(f"{url}/mj/task/list", headers={"mj-api-secret": "demo-key"})
+        assert answer.status_code == 200, answer.text
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)

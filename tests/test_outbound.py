@@ -75,7 +75,7 @@ async def hammer_all(
 def assert_saturated(response: httpx.Response, upstream: str) -> None:
     assert response.status_code == 503, response.text
     body = response.json()
-    assert set(body) == {"code", "description", "request_id"}
+    assert set(body) == {"code", "description", "result", "request_id"}
     assert body["request_id"] == response.headers["x-request-id"]
     assert upstream in body["description"] and "saturated" in body["description"], body
 

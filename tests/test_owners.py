@@ -52,7 +52,7 @@ async def test_owners_are_shared_through_the_store(store: Store, keys: KeySpace)
     await writer.record(a, "java")
     await writer.record_many({b: "relay"})
     assert await reader.get_many([a, b]) == {a: "java", b: "relay"}
-    assert await store.get(keys.owner(a)) == b"java"
+    assert await store.mget([keys.owner(a)]) == [b"java"]
 
 
 async def test_key_prefixes_keep_deployments_apart(store: Store) -> None:

@@ -142,6 +142,31 @@ def test_cli_purge_drops_the_ids_from_redis_and_the_next_fetch_goes_upstream(
         assert java.count(FETCH) == asked + 1
 
 
+def test_cli_purge_tells_purged_ids_from_ids_it_never_stored(
+    redis_server: RedisProcess, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    path = offline_config(tmp_path, redis_server.url)
+    config = load_config(path)
+    cached, not_found, never, also_never = new_id(), new_id(), new_id(), new_id()
+    redis_client.set(task_key(config, "main", cached), b"Tcached body", px=60_000)
+    redis_client.set(KeySpace(config.redis.key_prefix).not_found(not_found), b"1", px=60_000)
+
+    done = purge_cli("--config", str(path), never, cached, not_found, also_never, cached)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "purged 2 task id(s) from the shared store",
+        f"not in the shared store, nothing to purge: {never} {also_never}",
+    ]
+    assert redis_client.exists(task_key(config, "main", cached)) == 0
+
+    again = purge_cli("--config", str(path), cached)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [
+        "purged 0 task id(s) from the shared store",
+        f"not in the shared store, nothing to purge: {cached}",
+    ]
+
+
 def test_cli_purge_with_the_embedded_store_exits_2_and_points_to_the_route(
     tmp_path: Path,
 ) -> None:

@@ -83,7 +83,7 @@ def assert_limited(response: httpx.Response, retry_after: int | None = None) -> 
     assert response.status_code == 429, response.text
     assert response.headers["content-type"].startswith("application/json")
     body: dict[str, Any] = response.json()
-    assert set(body) == {"code", "description", "request_id"}
+    assert set(body) == {"code", "description", "result", "request_id"}
     assert isinstance(body["code"], int)
     assert body["request_id"] == response.headers["x-request-id"]
     raw = response.headers["retry-after"]

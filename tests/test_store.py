@@ -10,8 +10,18 @@ import uuid
 import pytest
 
 from gateway.config import RedisConfig, Secret
-from gateway.store import KeySpace, MemoryStore, RedisStore, Store, StoreError, open_store
+from gateway.errors import StoreError
+from gateway.store import KeySpace, MemoryStore, RedisStore, Store, open_store
 from tests.support import RedisProcess
+
+
+async def get(store: Store, key: str) -> bytes | None:
+    (value,) = await store.mget([key])
+    return value
+
+
+async def put(store: Store, key: str, value: bytes, ttl_ms: int) -> None:
+    await store.set_many({key: value}, ttl_ms)
 
 
 @pytest.fixture
@@ -24,49 +34,49 @@ def prefix() -> str:
 
 
 async def test_get_of_a_missing_key_is_none(store: Store, prefix: str) -> None:
-    assert await store.get(f"{prefix}:nothing") is None
+    assert await get(store, f"{prefix}:nothing") is None
 
 
 async def test_set_then_get_returns_the_exact_bytes(store: Store, prefix: str) -> None:
     value = b'{"id":"1"}\x00\xff\xfe not utf-8 \r\n'
-    await store.set(f"{prefix}:a", value, 10_000)
-    assert await store.get(f"{prefix}:a") == value
+    await put(store, f"{prefix}:a", value, 10_000)
+    assert await get(store, f"{prefix}:a") == value
 
 
 async def test_set_overwrites(store: Store, prefix: str) -> None:
-    await store.set(f"{prefix}:a", b"one", 10_000)
-    await store.set(f"{prefix}:a", b"two", 10_000)
-    assert await store.get(f"{prefix}:a") == b"two"
+    await put(store, f"{prefix}:a", b"one", 10_000)
+    await put(store, f"{prefix}:a", b"two", 10_000)
+    assert await get(store, f"{prefix}:a") == b"two"
 
 
 async def test_ttl_is_in_milliseconds(store: Store, prefix: str) -> None:
-    await store.set(f"{prefix}:short", b"x", 150)
-    await store.set(f"{prefix}:long", b"y", 10_000)
-    assert await store.get(f"{prefix}:short") == b"x"
+    await put(store, f"{prefix}:short", b"x", 150)
+    await put(store, f"{prefix}:long", b"y", 10_000)
+    assert await get(store, f"{prefix}:short") == b"x"
     await asyncio.sleep(0.3)
-    assert await store.get(f"{prefix}:short") is None
-    assert await store.get(f"{prefix}:long") == b"y"
+    assert await get(store, f"{prefix}:short") is None
+    assert await get(store, f"{prefix}:long") == b"y"
 
 
 async def test_overwrite_sets_a_new_ttl(store: Store, prefix: str) -> None:
-    await store.set(f"{prefix}:a", b"old", 80)
-    await store.set(f"{prefix}:a", b"new", 10_000)
+    await put(store, f"{prefix}:a", b"old", 80)
+    await put(store, f"{prefix}:a", b"new", 10_000)
     await asyncio.sleep(0.2)
-    assert await store.get(f"{prefix}:a") == b"new"
+    assert await get(store, f"{prefix}:a") == b"new"
 
 
 @pytest.mark.parametrize("ttl_ms", [0, -1, -10_000])
 async def test_set_with_ttl_not_above_zero_deletes(store: Store, prefix: str, ttl_ms: int) -> None:
-    await store.set(f"{prefix}:a", b"x", 10_000)
-    await store.set(f"{prefix}:a", b"y", ttl_ms)
-    assert await store.get(f"{prefix}:a") is None
+    await put(store, f"{prefix}:a", b"x", 10_000)
+    await put(store, f"{prefix}:a", b"y", ttl_ms)
+    assert await get(store, f"{prefix}:a") is None
 
 
 async def test_mget_answers_in_the_order_asked_with_none_for_missing(
     store: Store, prefix: str
 ) -> None:
-    await store.set(f"{prefix}:a", b"A", 10_000)
-    await store.set(f"{prefix}:c", b"C", 10_000)
+    await put(store, f"{prefix}:a", b"A", 10_000)
+    await put(store, f"{prefix}:c", b"C", 10_000)
     keys = [f"{prefix}:c", f"{prefix}:missing", f"{prefix}:a", f"{prefix}:c"]
     assert await store.mget(keys) == [b"C", None, b"A", b"C"]
 
@@ -76,8 +86,8 @@ async def test_mget_of_nothing(store: Store) -> None:
 
 
 async def test_mget_leaves_out_expired_values(store: Store, prefix: str) -> None:
-    await store.set(f"{prefix}:a", b"A", 60)
-    await store.set(f"{prefix}:b", b"B", 10_000)
+    await put(store, f"{prefix}:a", b"A", 60)
+    await put(store, f"{prefix}:b", b"B", 10_000)
     await asyncio.sleep(0.15)
     assert await store.mget([f"{prefix}:a", f"{prefix}:b"]) == [None, b"B"]
 
@@ -92,7 +102,7 @@ async def test_set_many_writes_every_item_with_the_ttl(store: Store, prefix: str
 
 async def test_set_many_of_nothing(store: Store, prefix: str) -> None:
     await store.set_many({}, 10_000)
-    assert await store.get(f"{prefix}:a") is None
+    assert await get(store, f"{prefix}:a") is None
 
 
 async def test_set_many_with_ttl_not_above_zero_deletes_like_set(store: Store, prefix: str) -> None:
@@ -100,8 +110,8 @@ async def test_set_many_with_ttl_not_above_zero_deletes_like_set(store: Store, p
     several keys and must not behave differently (the stores must be interchangeable)."""
     await store.set_many({f"{prefix}:a": b"x", f"{prefix}:b": b"y"}, 10_000)
     await store.set_many({f"{prefix}:a": b"new"}, 0)
-    assert await store.get(f"{prefix}:a") is None
-    assert await store.get(f"{prefix}:b") == b"y"
+    assert await get(store, f"{prefix}:a") is None
+    assert await get(store, f"{prefix}:b") == b"y"
 
 
 async def test_delete_removes_the_keys_given(store: Store, prefix: str) -> None:
@@ -111,9 +121,9 @@ async def test_delete_removes_the_keys_given(store: Store, prefix: str) -> None:
 
 
 async def test_delete_of_nothing(store: Store, prefix: str) -> None:
-    await store.set(f"{prefix}:a", b"v", 10_000)
+    await put(store, f"{prefix}:a", b"v", 10_000)
     await store.delete([])
-    assert await store.get(f"{prefix}:a") == b"v"
+    assert await get(store, f"{prefix}:a") == b"v"
 
 
 async def test_ping(store: Store) -> None:
@@ -121,8 +131,8 @@ async def test_ping(store: Store) -> None:
 
 
 async def test_concurrent_use(store: Store, prefix: str) -> None:
-    await asyncio.gather(*(store.set(f"{prefix}:{n}", str(n).encode(), 10_000) for n in range(50)))
-    values = await asyncio.gather(*(store.get(f"{prefix}:{n}") for n in range(50)))
+    await asyncio.gather(*(put(store, f"{prefix}:{n}", str(n).encode(), 10_000) for n in range(50)))
+    values = await asyncio.gather(*(get(store, f"{prefix}:{n}") for n in range(50)))
     assert values == [str(n).encode() for n in range(50)]
 
 
@@ -132,9 +142,9 @@ async def test_concurrent_use(store: Store, prefix: str) -> None:
 async def test_memory_store_keeps_at_most_max_keys_oldest_write_evicted_first() -> None:
     store = MemoryStore(max_keys=3)
     for key in "abc":
-        await store.set(key, key.encode(), 10_000)
-    await store.set("a", b"a2", 10_000)  # rewritten: now the newest
-    await store.set("d", b"d", 10_000)
+        await put(store, key, key.encode(), 10_000)
+    await put(store, "a", b"a2", 10_000)  # rewritten: now the newest
+    await put(store, "d", b"d", 10_000)
     assert await store.mget(["a", "b", "c", "d"]) == [b"a2", None, b"c", b"d"]
     await store.set_many({"e": b"e", "f": b"f"}, 10_000)
     assert await store.mget(["a", "c", "d", "e", "f"]) == [None, None, b"d", b"e", b"f"]
@@ -142,9 +152,9 @@ async def test_memory_store_keeps_at_most_max_keys_oldest_write_evicted_first() 
 
 async def test_memory_store_close_forgets_everything() -> None:
     store = MemoryStore()
-    await store.set("a", b"x", 10_000)
+    await put(store, "a", b"x", 10_000)
     await store.close()
-    assert await store.get("a") is None
+    assert await get(store, "a") is None
 
 
 # --- RedisStore against a Redis that is gone ------------------------------------------------
@@ -154,11 +164,11 @@ async def assert_fails_fast(action: str, store: RedisStore) -> None:
     started = time.monotonic()
     with pytest.raises(StoreError):
         if action == "get":
-            await store.get("k")
+            await get(store, "k")
         elif action == "mget":
             await store.mget(["k", "j"])
         elif action == "set":
-            await store.set("k", b"v", 10_000)
+            await put(store, "k", b"v", 10_000)
         elif action == "set_many":
             await store.set_many({"k": b"v"}, 10_000)
         elif action == "delete":
@@ -177,8 +187,8 @@ async def test_redis_store_on_a_stopped_server_raises_store_error_quickly(
 ) -> None:
     store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
     try:
-        await store.set("k", b"v", 10_000)  # a pooled connection now exists
-        assert await store.get("k") == b"v"
+        await put(store, "k", b"v", 10_000)  # a pooled connection now exists
+        assert await get(store, "k") == b"v"
         own_redis.stop()
         await assert_fails_fast(action, store)
     finally:
@@ -200,23 +210,23 @@ async def test_redis_store_never_connected_to_a_stopped_server_fails_fast(
 async def test_redis_store_works_again_when_the_server_is_back(own_redis: RedisProcess) -> None:
     store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
     try:
-        await store.set("k", b"v", 10_000)
+        await put(store, "k", b"v", 10_000)
         own_redis.stop()
         with pytest.raises(StoreError):
-            await store.get("k")
+            await get(store, "k")
         own_redis.start()  # same port, empty data set
         # After a failure the store fails fast for a moment (no socket timeout per call
         # while Redis is away), then tries again on its own.
         deadline = time.monotonic() + 3
         while True:
             try:
-                assert await store.get("k") is None
+                assert await get(store, "k") is None
                 break
             except StoreError:
                 assert time.monotonic() < deadline, "the store did not recover"
                 await asyncio.sleep(0.1)
-        await store.set("k", b"w", 10_000)
-        assert await store.get("k") == b"w"
+        await put(store, "k", b"w", 10_000)
+        assert await get(store, "k") == b"w"
     finally:
         await store.close()
 
@@ -227,7 +237,7 @@ async def test_store_error_does_not_show_the_redis_password(own_redis: RedisProc
     store = RedisStore(RedisConfig(url=Secret(url)))
     try:
         with pytest.raises(StoreError) as caught:
-            await store.get("k")
+            await get(store, "k")
         assert "pw-secret-5521" not in str(caught.value)
         assert "pw-secret-5521" not in repr(caught.value)
     finally:
@@ -247,10 +257,10 @@ async def test_open_store_with_url_is_redis(redis_server: RedisProcess, prefix: 
     store = open_store(RedisConfig(url=Secret(redis_server.url)))
     try:
         assert isinstance(store, RedisStore)
-        await store.set(f"{prefix}:a", b"shared", 10_000)
+        await put(store, f"{prefix}:a", b"shared", 10_000)
         # A second store on the same URL sees the write: the data lives in the server.
         other = open_store(RedisConfig(url=Secret(redis_server.url)))
-        assert await other.get(f"{prefix}:a") == b"shared"
+        assert await get(other, f"{prefix}:a") == b"shared"
         await other.close()
     finally:
         await store.close()

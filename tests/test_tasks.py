@@ -1,4 +1,4 @@
-"""Task semantics: the id rule, every upstream flavor of "not found", parsing, request order."""
+"""Task semantics: the id rule, every upstream flavor of "not found", and parsing."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.protocol import STATUSES, TERMINAL
 from gateway.tasks import (
-    STATUSES,
-    TERMINAL,
-    in_request_order,
     is_not_found,
     parse_task,
     parse_task_list,
@@ -197,33 +195,3 @@ def test_parse_task_list_of_nothing(body: bytes) -> None:
 )
 def test_parse_task_list_refuses_what_is_not_a_list(body: bytes) -> None:
     assert parse_task_list(body) is None
-
-
-# --- merge order -----------------------------------------------------------------------------
-
-
-def task(task_id: str, upstream: str = "java") -> dict[str, Any]:
-    return {"id": task_id, "status": "SUCCESS", "upstream": upstream}
-
-
-def test_in_request_order_follows_the_callers_order() -> None:
-    found = {t: task(t) for t in ("3", "1", "2")}
-    assert [t["id"] for t in in_request_order(["2", "3", "1"], found)] == ["2", "3", "1"]
-    assert [t["id"] for t in in_request_order(["1", "2", "3"], found)] == ["1", "2", "3"]
-
-
-def test_in_request_order_drops_unknown_ids() -> None:
-    found = {"1": task("1"), "3": task("3")}
-    result = in_request_order(["9", "3", "8", "1", "7"], found)
-    assert result == [found["3"], found["1"]]
-
-
-def test_in_request_order_returns_the_found_objects_untouched() -> None:
-    found = {"1": task("1", "relay")}
-    (only,) = in_request_order(["1"], found)
-    assert only is found["1"]
-
-
-def test_in_request_order_of_nothing() -> None:
-    assert in_request_order([], {"1": task("1")}) == []
-    assert in_request_order(["1", "2"], {}) == []

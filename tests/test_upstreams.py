@@ -20,11 +20,11 @@ import pytest
 
 from gateway.circuit import CircuitBreaker
 from gateway.config import Secret, UpstreamConfig
-from gateway.lookup import call
-from gateway.middleware import RequestInfo
+from gateway.context import RequestInfo
+from gateway.errors import UpstreamError
 from gateway.outbound import OutboundCaps
 from gateway.store import KeySpace, MemoryStore
-from gateway.upstreams import Upstream, UpstreamError, UpstreamPool
+from gateway.upstreams import Upstream, UpstreamPool, call
 from tests.sims_extra import total
 from tests.support import CALLER_KEYS, SimProcess, free_port
 

@@ -1,6 +1,7 @@
-"""Routes of the simulated upstream (``gateway.sim``): submits, lookups and task actions.
+"""The task routes of the simulated upstream: submits, lookups and task actions.
 
-``TaskRoutes`` holds the handlers; ``gateway.sim`` wraps them with auth, faults and stats.
+``TaskRoutes`` holds them as ``Call -> Reply`` handlers; ``gateway.sim.upstream`` wraps them
+with auth, faults and stats.
 """
 
 from __future__ import annotations
@@ -9,45 +10,31 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from gateway.simtasks import (
+from gateway.protocol import TERMINAL
+from gateway.sim.order import scrambled
+from gateway.sim.query import query_page
+from gateway.sim.settings import SimSettings
+from gateway.sim.tasks import (
     FAIL_REASONS,
-    TERMINAL,
     Art,
     Json,
-    Reply,
     SimTask,
     TaskStore,
     action_for_custom_id,
     playing_task,
-    query_page,
-    scrambled,
 )
 
-__all__ = ["BadRequest", "Call", "Handler", "Knobs", "TaskRoutes", "envelope"]
+__all__ = ["BadRequest", "Call", "Handler", "Reply", "TaskRoutes", "envelope"]
 
+Reply = tuple[int, bytes, bytes]  # status, body, content type (b"" = none)
 _BANNED = re.compile(r"\bbanned\b", re.IGNORECASE)
 _SIMPLE_CHANGE = re.compile(r"^\s*(\S+)\s+([UV][1-4]|R)\s*$", re.IGNORECASE)
 _JSON = b"application/json"
 QUEUE_SLOTS = 3  # tasks running at once before new ones answer 22 "in queue"
-
-
-class Knobs(Protocol):
-    """The settings the task side reads; ``gateway.sim.SimSettings`` provides them."""
-
-    @property
-    def flavor(self) -> str: ...
-    @property
-    def task_seconds(self) -> float: ...
-    @property
-    def failure_rate(self) -> float: ...
-    @property
-    def image_ttl_s(self) -> int: ...
-    @property
-    def queue_full_rate(self) -> float: ...
 
 
 class BadRequest(Exception):
@@ -112,8 +99,10 @@ SIMPLE_SUBMITS: dict[str, tuple[str, tuple[str, ...], bool]] = {
 class TaskRoutes:
     """The submit and task routes of the simulated upstream, as ``Call -> Reply`` handlers."""
 
-    def __init__(self, knobs: Callable[[], Knobs], rng: random.Random, not_found: Reply) -> None:
-        self.knobs = knobs  # a getter: the settings may be replaced at run time
+    def __init__(
+        self, settings: Callable[[], SimSettings], rng: random.Random, not_found: Reply
+    ) -> None:
+        self.settings = settings  # a getter: /_sim/faults replaces the settings at run time
         self.rng = rng
         self.not_found = not_found
         self.store = TaskStore()
@@ -161,16 +150,16 @@ class TaskRoutes:
         extra: Json | None = None,
     ) -> SimTask:
         """A playing task; whether it ends SUCCESS or FAILURE is drawn now."""
-        knobs = self.knobs()
-        failing = knobs.failure_rate > 0 and self.rng.random() < knobs.failure_rate
+        settings = self.settings()
+        failing = settings.failure_rate > 0 and self.rng.random() < settings.failure_rate
         return playing_task(
             task_id or self.store.new_id(self.rng, now),
             action,
             prompt,
             now=now,
-            duration=knobs.task_seconds,
+            duration=settings.task_seconds,
             fail_reason=self.rng.choice(FAIL_REASONS) if failing else None,
-            ttl_s=knobs.image_ttl_s,
+            ttl_s=settings.image_ttl_s,
             art=Art(self.rng),
             modal=modal,
             custom_id=custom_id,
@@ -185,9 +174,9 @@ class TaskRoutes:
             return envelope(
                 24, "May contain sensitive words", None, promptEn=prompt, bannedWord="banned"
             )
-        knobs = self.knobs()
-        if knobs.queue_full_rate > 0 and self.rng.random() < knobs.queue_full_rate:
-            if knobs.flavor == "csharp":  # the C# upstream reports a full queue as code 9
+        settings = self.settings()
+        if settings.queue_full_rate > 0 and self.rng.random() < settings.queue_full_rate:
+            if settings.flavor == "csharp":  # the C# upstream reports a full queue as code 9
                 return envelope(9, "queue is full, please try again later")
             return envelope(23, "队列已满\uff0c请稍后尝试", None, discordInstanceId=self.instance)
         return None
@@ -325,7 +314,7 @@ class TaskRoutes:
         if refused is not None:
             return refused
         if task.frozen:  # a seeded MODAL task starts playing with today's settings
-            task.frozen, task.duration = False, self.knobs().task_seconds
+            task.frozen, task.duration = False, self.settings().task_seconds
         properties = {**(task.base.get("properties") or {}), "finalPrompt": prompt}
         task.base = {**task.base, "prompt": prompt, "promptEn": prompt, "properties": properties}
         if isinstance(body.get("maskBase64"), str):

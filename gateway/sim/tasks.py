@@ -1,47 +1,39 @@
-"""Task side of the simulated upstream (``gateway.sim``): the task model, store and query.
+"""Tasks of the simulated upstream: the task model, its Discord-style output, and the store.
 
 A playing task computes its phase lazily from the time its life started; there is no
 background loop. The first read that finds it terminal freezes it: its JSON is stored, its
 bytes are cached, and it never changes again except for image-seed. Seeded tasks are frozen
-from the start and are served exactly as they were given. ``TaskRoutes`` holds the submit
-and lookup handlers; ``gateway.sim`` wraps them with auth, faults and stats.
+from the start and are served exactly as they were given.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from gateway.query import sort_key
+from gateway.protocol import TERMINAL
 
 __all__ = [
     "FAIL_REASONS",
     "MAX_TASKS",
-    "TERMINAL",
     "Art",
     "Json",
-    "Reply",
     "SimTask",
     "TaskStore",
     "action_for_custom_id",
     "image_url",
     "playing_task",
-    "query_page",
-    "scrambled",
     "seeded_task",
 ]
 
 Json = dict[str, Any]
-Reply = tuple[int, bytes, bytes]  # status, body, content type (b"" = none)
 
-TERMINAL = frozenset({"SUCCESS", "FAILURE", "CANCEL"})
 # Real upstreams purge old tasks too; this keeps a long benchmark from eating the machine.
 MAX_TASKS = 200_000
 NOT_START_END = 0.05
@@ -389,93 +381,3 @@ class TaskStore:
 
     def views(self, now: float) -> list[Json]:
         return [task.view(now) for task in self.tasks.values()]
-
-
-def scrambled(tasks: Iterable[SimTask], asked: list[str]) -> list[SimTask]:
-    """Tasks in an order that differs from ``asked`` whenever there are two or more.
-
-    Real upstreams answer list lookups in no particular order; a fixed, always-different
-    order makes a caller that forgets to reorder fail every time instead of sometimes.
-    """
-    ordered = sorted(tasks, key=lambda task: task.task_id, reverse=True)
-    if [task.task_id for task in ordered] == asked:
-        ordered.reverse()
-    return ordered
-
-
-_EXACT_FILTERS = ("id", "status", "action", "state")
-_TEXT_FILTERS = ("prompt", "promptEn", "description", "failReason")
-
-
-def _as_int(value: Any, default: int) -> int:
-    if isinstance(value, bool):
-        return default
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return default
-
-
-def _matches(task: Json, body: Mapping[str, Any]) -> bool:
-    for name in _EXACT_FILTERS:
-        wanted = body.get(name)
-        if wanted not in (None, "") and str(task.get(name)) != str(wanted):
-            return False
-    for name in _TEXT_FILTERS:
-        wanted = body.get(name)
-        if isinstance(wanted, str) and wanted:
-            value = task.get(name)
-            if not isinstance(value, str) or wanted.casefold() not in value.casefold():
-                return False
-    for name, field in (("ids", "id"), ("statusSet", "status")):
-        wanted = body.get(name)
-        if isinstance(wanted, list) and wanted and str(task.get(field)) not in map(str, wanted):
-            return False
-    return True
-
-
-def _parse_sort(raw: Any) -> list[tuple[str, bool]]:
-    specs = raw if isinstance(raw, list) else [raw]
-    orders: list[tuple[str, bool]] = []
-    for spec in specs:
-        if not isinstance(spec, str) or not spec.strip():
-            continue
-        field, _, direction = spec.partition(",")
-        orders.append((field.strip(), direction.strip().lower() == "desc"))
-    return orders or [("submitTime", True)]
-
-
-def query_page(views: list[Json], body: Mapping[str, Any]) -> Json:
-    """``/task/query``: filter, sort (ties by id, in the first order's direction), page."""
-    rows = [task for task in views if _matches(task, body)]
-    orders = _parse_sort(body.get("sort"))
-    rows.sort(key=lambda task: str(task.get("id")), reverse=orders[0][1])
-    for field, descending in reversed(orders):
-        rows.sort(key=lambda task: sort_key(task.get(field)), reverse=descending)
-    number = max(0, _as_int(body.get("pageNumber"), 0))
-    size = _as_int(body.get("pageSize"), 10)
-    size = 10 if size < 1 else min(size, 10_000)
-    content = rows[number * size : (number + 1) * size]
-    total_pages = math.ceil(len(rows) / size)
-    sort = {"empty": False, "sorted": True, "unsorted": False}
-    return {
-        "content": content,
-        "pageable": {
-            "sort": sort,
-            "offset": number * size,
-            "pageNumber": number,
-            "pageSize": size,
-            "paged": True,
-            "unpaged": False,
-        },
-        "last": number >= total_pages - 1,
-        "totalPages": total_pages,
-        "totalElements": len(rows),
-        "size": size,
-        "number": number,
-        "sort": sort,
-        "first": number == 0,
-        "numberOfElements": len(content),
-        "empty": not content,
-    }

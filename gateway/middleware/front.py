@@ -12,22 +12,26 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.auth import ClientRegistry, missing_key_response, set_caller
+from gateway.auth import caller, missing_key_response, set_caller
 from gateway.config import ClientConfig
+from gateway.context import RequestInfo, attach, request_info
 from gateway.errors import error_response
-from gateway.metrics import INFLIGHT, observe_request
-from gateway.ratelimit import CallerLimiter, Decision, refusal_response, route_class
+from gateway.metrics import INFLIGHT, L1_HIT, observe_request
+from gateway.protocol import MODES, TASK_ID_PATTERN
+from gateway.ratelimit import Decision, refusal_response, route_class
+from gateway.services import Services, services_of
 
-__all__ = ["FastAnswer", "GatewayMiddleware", "RequestInfo", "request_info"]
+__all__ = ["FastAnswer", "GatewayMiddleware", "cached_fetch"]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-_SCOPE_KEY = "mjgate.request"
+_FETCH_PATH = re.compile(
+    "(" + "|".join(re.escape(mode) for mode in MODES) + f")/mj/task/({TASK_ID_PATTERN})/fetch"
+)
 # Request ids: a random prefix per process and a counter; unique across workers, and far
 # cheaper than a uuid4 (one urandom call) per request.
 _ID_PREFIX = os.urandom(8).hex()
@@ -35,26 +39,6 @@ _ID_COUNTER = itertools.count(1)
 
 access_log = structlog.get_logger("mjgate.access")
 error_log = structlog.get_logger("mjgate.errors")
-
-
-@dataclass(slots=True)
-class RequestInfo:
-    """Facts about one request that handlers add to and the access log writes out."""
-
-    request_id: str
-    client: str = "-"
-    cache: str = "MISS"
-    tier: str = "-"
-    route: str = ""
-    # The caller's raw headers, for the few that may be passed on upstream.
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    upstreams: list[str] = field(default_factory=list)
-    upstream_ms: float = 0.0
-
-
-def request_info(scope: Scope) -> RequestInfo:
-    info: RequestInfo = scope[_SCOPE_KEY]
-    return info
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,24 +51,26 @@ class FastAnswer:
     tier: str
 
 
-# Given the scope of an authenticated request, a FastAnswer or None (let the app answer).
-FastPath = Callable[[Scope], FastAnswer | None]
+def cached_fetch(services: Services, scope: Scope) -> FastAnswer | None:
+    """A fetch this worker can answer from L1 alone: no I/O, no await."""
+    match = _FETCH_PATH.fullmatch(scope["path"])
+    if match is None:
+        return None
+    pool = services.pool
+    allowed = pool.allowed(caller(scope).upstreams)
+    answer = services.lookup.fetch_cached(match.group(2), pool.names(allowed))
+    if answer is None or not answer.found:
+        return None  # the route answers it, and counts the L1 miss
+    route = f"{match.group(1)}/mj/task/{{task_id}}/fetch"
+    return FastAnswer(answer.body, route, answer.cache, answer.tier)
 
 
 class GatewayMiddleware:
-    def __init__(
-        self,
-        app: ASGIApp,
-        registry: ClientRegistry,
-        limiter: Callable[[], CallerLimiter],
-        fast_path: Callable[[], FastPath],
-        public_paths: frozenset[str],
-    ) -> None:
+    """Request id, authentication, rate limit, the cached-fetch fast path, metrics and the
+    access line, in one pure ASGI layer. Services come from the lifespan state."""
+
+    def __init__(self, app: ASGIApp, public_paths: frozenset[str]) -> None:
         self.app = app
-        self.registry = registry
-        # Both are opened in the lifespan, after the middleware stack is built.
-        self.limiter = limiter
-        self.fast_path = fast_path
         self.public_paths = public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -92,7 +78,7 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         info = RequestInfo(request_id=_incoming_request_id(scope) or _new_request_id())
-        scope[_SCOPE_KEY] = info
+        attach(scope, info)
         if scope["path"] in self.public_paths:
             # Health, readiness and metrics: no key, no limit, no access-log noise.
             await self._app(scope, receive, _with_headers(send, info, ()))
@@ -123,7 +109,8 @@ class GatewayMiddleware:
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo) -> int:
         """Answer the request; return its status."""
-        client = self.registry.authenticate(scope["headers"])
+        services = services_of(scope)
+        client = services.registry.authenticate(scope["headers"])
         if client is None:
             response = missing_key_response(scope["headers"], info.request_id)
             await response(scope, receive, _with_headers(send, info, ()))
@@ -131,14 +118,15 @@ class GatewayMiddleware:
         set_caller(scope, client)
         info.client = client.name
         # Decide the fast path before spending a token, so nothing is charged twice.
-        fast = self.fast_path()(scope) if scope["method"] == "GET" else None
-        decision = await self._limit(scope, client)
+        fast = cached_fetch(services, scope) if scope["method"] == "GET" else None
+        decision = await self._limit(services, scope, client)
         limit_headers = decision.headers()
         if not decision.allowed:
             response = refusal_response(client, decision, info.request_id)
             await response(scope, receive, _with_headers(send, info, limit_headers))
             return 429
         if fast is not None:
+            L1_HIT.inc()
             info.route, info.cache, info.tier = fast.route, fast.cache, fast.tier
             await _send_cached(send, fast.body, info, limit_headers)
             return 200
@@ -146,8 +134,9 @@ class GatewayMiddleware:
         await self._app(scope, receive, _with_headers(send, info, limit_headers, status))
         return status.code
 
-    async def _limit(self, scope: Scope, client: ClientConfig) -> Decision:
-        limiter = self.limiter()
+    @staticmethod
+    async def _limit(services: Services, scope: Scope, client: ClientConfig) -> Decision:
+        limiter = services.limiter
         limits = client.rate_limit or limiter.config.default
         name, bucket = limits.for_class(route_class(scope["path"]))
         return await limiter.check(client.name, name, bucket)

@@ -1,0 +1,117 @@
+"""Creating work: ``/mj/submit/*`` and ``/mj/insight-face/*``, with the failover rules.
+
+A new task goes to an upstream picked by weight; a follow-up (action, modal, change...) to
+the upstream that owns its parent. A submit moves to the next upstream only when the one
+asked surely did not take the work; after a timeout the work may exist, and sending it again
+could pay for the same image twice, so that fails instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.context import RequestInfo, request_info
+from gateway.errors import GatewayError, UpstreamError, UpstreamFailures
+from gateway.metrics import SUBMITS
+from gateway.protocol import ACCEPTED_CODES
+from gateway.routes.common import allowed, forward, services
+from gateway.tasks import valid_task_id
+from gateway.upstreams import Upstream, UpstreamResponse, call
+from gateway.validation import NAME_SEGMENT, check_submit_fields, parent_task_id, read_json_object
+
+__all__ = ["accepted_task_id", "should_fail_over", "submit"]
+
+
+async def submit(mode: str, request: Request) -> Response:
+    """Send new work to an upstream that takes it; remember who owns the new task."""
+    kind = request.path_params["kind"]
+    if not NAME_SEGMENT.fullmatch(kind):
+        raise GatewayError(404, f"unknown submit route: {kind!r}")
+    svc = services(request)
+    data = await read_json_object(request, svc.config.server.max_body_bytes)
+    check_submit_fields(data)
+    info = request_info(request.scope)
+    candidates = allowed(request)
+    parent = parent_task_id(kind, data)
+    if parent is not None:
+        owner = await svc.lookup.owner_of(mode, parent, candidates, info)
+        if owner is None:
+            raise GatewayError(404, f"parent task {parent} not found")
+        targets = [owner]
+    else:
+        targets = svc.pool.submit_order(candidates)
+    if not targets:
+        raise GatewayError(503, "no upstream is available for submits")
+    response = await _submit_to(targets, request.url.path, orjson.dumps(data), info)
+    envelope = _envelope(response)
+    code = envelope.get("code") if envelope else None
+    SUBMITS.labels(response.upstream, str(code) if code is not None else "none").inc()
+    task_id = accepted_task_id(response)
+    if task_id is not None:
+        await svc.owners.record(task_id, response.upstream)
+    return forward(response)
+
+
+async def _submit_to(
+    targets: Sequence[Upstream], path: str, body: bytes, info: RequestInfo
+) -> UpstreamResponse:
+    """Send to the first target that takes it.
+
+    Moves on only when the upstream surely did not take the work: a queue-full answer,
+    429/503, or a connection that never opened.
+    """
+    refused: list[UpstreamError] = []
+    response: UpstreamResponse | None = None
+    for upstream in targets:
+        try:
+            response = await call(upstream, info, "submit", "POST", path, body)
+        except UpstreamError as exc:
+            if exc.sent:
+                raise UpstreamFailures([exc]) from None
+            refused.append(exc)
+            continue
+        if not should_fail_over(response):
+            return response
+    if response is not None:
+        return response
+    raise UpstreamFailures(refused)
+
+
+def _envelope(response: UpstreamResponse) -> dict[str, Any] | None:
+    if response.status != 200:
+        return None
+    try:
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def should_fail_over(response: UpstreamResponse) -> bool:
+    """Did the upstream refuse the work without doing any of it?"""
+    if response.status in (429, 503):
+        return True
+    envelope = _envelope(response)
+    if envelope is None:
+        return False
+    code = envelope.get("code")
+    if code == 23:
+        return True
+    # The C# upstream reports a full queue as a plain system error.
+    description = str(envelope.get("description") or envelope.get("message") or "").lower()
+    return code == 9 and ("queue" in description or "队列" in description)
+
+
+def accepted_task_id(response: UpstreamResponse) -> str | None:
+    """The new task's id when the envelope says the submit was taken."""
+    envelope = _envelope(response)
+    if envelope is None or envelope.get("code") not in ACCEPTED_CODES:
+        return None
+    result = envelope.get("result")
+    task_id = str(result) if isinstance(result, int | str) and not isinstance(result, bool) else ""
+    return task_id if valid_task_id(task_id) else None
