@@ -60,8 +60,9 @@ class StoreError(GatewayError):
 class UpstreamError(GatewayError):
     """No usable answer from one upstream.
 
-    ``sent`` is False only when the request surely never left (connection refused, connect
-    timeout, held back by the gateway): such a request may be repeated elsewhere without
+    ``sent`` is False only when the upstream surely did not take the work: the request never
+    left (connection refused, connect timeout, held back by the gateway) or was refused before
+    any work (the gateway's key rejected). Such a request may be repeated elsewhere without
     buying anything twice.
     """
 

@@ -51,10 +51,22 @@ async def submit(mode: str, request: Request) -> Response:
     envelope = _envelope(response)
     code = envelope.get("code") if envelope else None
     SUBMITS.labels(response.upstream, str(code) if code is not None else "none").inc()
+    if envelope is None:
+        raise _not_an_envelope(response)
     task_id = accepted_task_id(response)
     if task_id is not None:
         await svc.owners.record(task_id, response.upstream)
     return forward(response)
+
+
+def _not_an_envelope(response: UpstreamResponse) -> GatewayError:
+    """A submit's answer that is not the envelope: the caller gets mjgate's JSON error, never
+    an upstream's HTML or a bare 5xx that an SDK would retry (and pay for twice)."""
+    name = response.upstream
+    if response.status in (429, 503):
+        return GatewayError(503, f"upstream {name}: refused the submit (HTTP {response.status})")
+    detail = f"answered HTTP {response.status} with something other than a submit envelope"
+    return UpstreamFailures([UpstreamError(name, "broken", True, detail)])
 
 
 async def _submit_to(
@@ -83,13 +95,18 @@ async def _submit_to(
 
 
 def _envelope(response: UpstreamResponse) -> dict[str, Any] | None:
-    if response.status != 200:
+    """The envelope ``{code, description, result, ...}`` (or the C# upstream's
+    ``{success, code, message}``) in a 200 or 4xx answer; None for anything else."""
+    if response.status >= 500 or response.status < 200 or 300 <= response.status < 400:
         return None
     try:
         data = orjson.loads(response.content)
     except orjson.JSONDecodeError:
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    code = data.get("code")
+    return data if isinstance(code, int) and not isinstance(code, bool) else None
 
 
 def should_fail_over(response: UpstreamResponse) -> bool:
@@ -109,7 +126,7 @@ def should_fail_over(response: UpstreamResponse) -> bool:
 
 def accepted_task_id(response: UpstreamResponse) -> str | None:
     """The new task's id when the envelope says the submit was taken."""
-    envelope = _envelope(response)
+    envelope = _envelope(response) if response.status == 200 else None
     if envelope is None or envelope.get("code") not in ACCEPTED_CODES:
         return None
     result = envelope.get("result")
