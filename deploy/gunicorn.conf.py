@@ -55,7 +55,7 @@ def on_starting(server: Any) -> None:
     A reload is checked first; an address other than the config's is reported."""
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     os.makedirs(_metrics_dir, exist_ok=True)
-    pass  # TEMP master.check_reloads(server)
+    master.check_reloads(server)
     master.report_bind(server)
 
 

@@ -1,4 +1,5 @@
-"""Logging: structlog, one JSON line per event, with secrets redacted before rendering."""
+"""Logging: structlog, one JSON line per event, with secrets redacted before rendering, and
+every line written whole even when several workers share one standard output."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ __all__ = [
     "RedactingJSONRenderer",
     "SecretRedactor",
     "configure_logging",
+    "fit_line",
     "flush_logs_every",
     "redact_credential_fields",
     "secrets_of",
@@ -196,8 +198,8 @@ class LineWriter:
     keeps one write in one piece only up to PIPE_BUF bytes: a bigger write can be split
     and another worker's lines land in the middle of it. Writes that end on a line
     boundary and stay within PIPE_BUF arrive whole, and still carry about ten access lines
-    per system call. The JSON renderer keeps each line within the limit; a longer line
-    (console format) goes out alone in one write.
+    per system call. The JSON renderer keeps each line within the limit (``fit_line``); a
+    longer line would go out in a write of its own.
     """
 
     def __init__(self, fd: int, limit: int = LINE_LIMIT) -> None:
@@ -287,8 +289,8 @@ async def flush_logs_every(interval_s: float) -> None:
 
 
 def configure_logging(config: LoggingConfig, secrets: Iterable[str] = ()) -> None:
-    """Set up structlog for the process: JSON lines (orjson) or colored console lines, to
-    standard output."""
+    """Set up structlog for the process: JSON lines (orjson) or colored console lines (for
+    a terminal: an event with a traceback spans several lines), to standard output."""
     level = logging.getLevelNamesMapping()[config.level.upper()]
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

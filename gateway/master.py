@@ -5,8 +5,9 @@ read and checked in the master, before any worker starts.
   exit status 2, where a worker failing to load it would halt gunicorn with a traceback.
 - The master listens on ``server.host:server.port``; ``MJGATE_BIND`` or ``--bind`` override
   that, with a warning naming both addresses.
-- A reload (SIGHUP) reads the file again and goes ahead only when it is valid. With a bad
-  file each problem is logged on one line and the running workers keep serving.
+- A reload (SIGHUP) reads the file again and goes ahead only when the config is valid and
+  any new address it asks for is free. Otherwise each problem is logged on one line and the
+  running workers keep serving.
 
 Workers are forked from the master and serve the config it checked (``worker_app``): they
 never read the file themselves, so a respawned worker cannot pick up a file broken since.
@@ -95,10 +96,11 @@ def report_bind(server: Any) -> None:
 def check_reloads(server: Any) -> None:
     """Make SIGHUP check the config before gunicorn reloads.
 
-    gunicorn has no hook that can refuse a reload, and its reload starts new workers and
-    stops the old ones: with a broken file every new worker would fail to boot and the
-    master would halt, leaving nothing to serve. So the arbiter's ``reload`` is wrapped: the
-    file is read first; when it is invalid each problem is logged and nothing else happens.
+    gunicorn has no hook that can refuse a reload: its reload re-reads its settings, opens
+    the new address, starts new workers and stops the old ones, and exits when it cannot
+    listen. So the arbiter's ``reload`` is wrapped: the file is read first and, when the
+    config is valid and its address can be had, it becomes the config the new workers
+    serve; otherwise each problem is logged and nothing else happens.
     """
     reload = server.reload
 

@@ -275,7 +275,8 @@ async def call(
     """One upstream request on behalf of a caller, noted in the request's log facts.
 
     The gateway's own key being refused (401/403) is an upstream failure, not an answer
-    for the caller, who presented a valid key of their own.
+    for the caller, who presented a valid key of their own; nothing was taken, so it counts
+    as not sent and a submit may move on to another upstream.
     """
     info.upstreams.append(upstream.name)
     response = await upstream.request(
@@ -290,7 +291,7 @@ async def call(
     info.upstream_ms += response.elapsed_s * 1000
     if response.status in (401, 403):
         detail = f"rejected the gateway's key (HTTP {response.status}); check its key in config"
-        raise UpstreamError(upstream.name, "broken", True, detail)
+        raise UpstreamError(upstream.name, "broken", False, detail)
     return response
 
 

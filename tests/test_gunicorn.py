@@ -1,6 +1,6 @@
 """The gateway under a real gunicorn, started exactly as deployed: ``gunicorn -c
-deploy/gunicorn.conf.py`` with ``MJGATE_CONFIG``, ``MJGATE_BIND``, ``WEB_CONCURRENCY=2`` and a
-``PROMETHEUS_MULTIPROC_DIR``, a real Redis and real sims.
+deploy/gunicorn.conf.py`` with ``MJGATE_CONFIG`` (whose ``server`` section says where to
+listen), ``WEB_CONCURRENCY=2`` and a ``PROMETHEUS_MULTIPROC_DIR``, a real Redis and real sims.
 
 Which worker answered a request is read from prometheus-client's per-process files in the
 metrics directory (``counter_<pid>.db``): each worker counts the requests it answered there,

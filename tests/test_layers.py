@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
 
 # Top first. The name is the first component below ``gateway`` (a module or a subpackage).
 LAYERS: list[tuple[str, set[str]]] = [
-    ("entry points", {"__main__", "server", "worker", "demo", "sim"}),
+    ("entry points", {"__main__", "server", "master", "worker", "demo", "sim"}),
     ("application", {"app"}),
     ("front middleware", {"middleware"}),
     ("routes", {"routes"}),
