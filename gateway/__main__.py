@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(path: str | None) -> Config | None:
     from gateway.config import ConfigError
     from gateway.configfile import load_config
+    from gateway.master import report_invalid
 
     if not path:
         print("mjgate: no config file: pass --config FILE or set MJGATE_CONFIG", file=sys.stderr)
@@ -84,9 +85,7 @@ def _load(path: str | None) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"mjgate: invalid config {path}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        report_invalid(path, exc.problems)
         return None
 
 
