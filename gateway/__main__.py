@@ -1,4 +1,5 @@
-"""The ``mjgate`` command: serve, sim, demo, check-config, cache purge, hash-key, gen-key.
+"""The ``mjgate`` command: serve, sim, demo, check-config, cache purge, usage, hash-key,
+gen-key.
 
 Each sub-command imports what it needs when it runs, so ``mjgate serve`` loads neither the
 simulator nor the tools it never uses.
@@ -64,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--config", default=os.environ.get("MJGATE_CONFIG"), help="YAML file")
     purge.add_argument("ids", nargs="+", metavar="ID")
     purge.set_defaults(run=_cache_purge)
+
+    usage = commands.add_parser("usage", help="what each caller spent, from the ledger in Redis")
+    usage.add_argument("--config", default=os.environ.get("MJGATE_CONFIG"), help="YAML file")
+    usage.add_argument(
+        "--from", dest="start", help="first UTC day, YYYY-MM-DD or ISO-8601 (default: the 1st)"
+    )
+    usage.add_argument("--to", dest="end", help="last UTC day, included (default: today)")
+    usage.add_argument("--client", help="only this client")
+    usage.add_argument(
+        "--group-by", default="client", help="day, client, action, upstream (comma-separated)"
+    )
+    usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    usage.set_defaults(run=_usage)
 
     hash_cmd = commands.add_parser("hash-key", help="read a key on stdin, print its key_sha256")
     hash_cmd.set_defaults(run=_hash_key)
@@ -147,6 +161,49 @@ def _cache_purge(args: argparse.Namespace) -> int:
     print(f"purged {len(result.purged)} task id(s) from the shared store")
     if result.absent:
         print(f"not in the shared store, nothing to purge: {' '.join(result.absent)}")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    from datetime import UTC, datetime
+
+    from gateway.errors import GatewayError
+    from gateway.ledger import GROUPS, UsageQuery, parse_day, read_usage, usage_csv
+
+    config = _load(args.config)
+    if config is None:
+        return 2
+    if not config.redis.enabled:
+        print(
+            "mjgate: the embedded store lives inside the gateway process; ask its route "
+            "instead: GET /admin/usage as an admin client",
+            file=sys.stderr,
+        )
+        return 2
+    group_by = tuple(dict.fromkeys(args.group_by.split(",")))
+    try:
+        end = parse_day(args.end, "--to") if args.end else datetime.now(UTC).date()
+        start = parse_day(args.start, "--from") if args.start else end.replace(day=1)
+        if not set(group_by) <= set(GROUPS):
+            raise GatewayError(400, f"--group-by must name some of: {', '.join(GROUPS)}")
+        rows = asyncio.run(read_usage(config, UsageQuery(start, end, args.client, group_by)))
+    except GatewayError as exc:
+        print(f"mjgate: {exc.description}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"mjgate: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        print(usage_csv(rows, group_by), end="")
+    else:
+        table = [line.split(",") for line in usage_csv(rows, group_by).splitlines()]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
     return 0
 
 

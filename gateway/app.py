@@ -21,7 +21,7 @@ from gateway.configfile import load_config
 from gateway.context import request_info
 from gateway.errors import GatewayError, UpstreamError, UpstreamFailures, error_response
 from gateway.logs import configure_logging, flush_logs_every, secrets_of
-from gateway.middleware import GatewayMiddleware
+from gateway.middleware import GatewayMiddleware, cors_middleware
 from gateway.routes import public_paths, route_table
 from gateway.services import STATE_KEY, open_services
 
@@ -50,9 +50,12 @@ def create_app(config: Config) -> Starlette:
                 flusher.cancel()
                 await asyncio.gather(flusher, return_exceptions=True)
 
+    routes = route_table(config)
+    front = Middleware(GatewayMiddleware, public_paths=public_paths(config), routes=routes)
     return Starlette(
-        routes=route_table(config),
-        middleware=[Middleware(GatewayMiddleware, public_paths=public_paths(config))],
+        routes=routes,
+        # CORS outside: a preflight is answered before the key is asked for.
+        middleware=[*cors_middleware(config.server.cors), front],
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_exception},
         lifespan=lifespan,
     )

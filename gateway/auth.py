@@ -2,8 +2,9 @@
 
 A caller may present its key as ``Authorization: Bearer KEY`` (any case of ``Bearer``),
 ``Authorization: KEY`` or ``mj-api-secret: KEY``. ``Authorization`` wins unless it is empty or
-the ``midjourney-proxy`` placeholder that some clients always send. Keys are compared by
-SHA-256 digest, so the config may hold only digests.
+the ``midjourney-proxy`` placeholder that some clients always send. Either header given twice
+is refused (400): which of the two keys counts would be a guess. Keys are compared by SHA-256
+digest, so the config may hold only digests.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from gateway.config import ClientConfig, Config
-from gateway.errors import error_response
+from gateway.errors import GatewayError, error_response
 
 __all__ = [
     "ANONYMOUS",
@@ -33,19 +34,30 @@ _SCOPE_KEY = "mjgate.client"
 
 
 def extract_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The caller's key from raw ASGI headers, or None when none was presented."""
-    authorization = secret = ""
+    """The caller's key from raw ASGI headers, or None when none was presented.
+
+    Raises ``GatewayError`` (400) when ``Authorization`` or ``mj-api-secret`` comes twice."""
+    authorization: str | None = None
+    secret: str | None = None
     for name, value in headers:
         if name == b"authorization":
+            if authorization is not None:
+                raise _ambiguous("Authorization")
             authorization = value.decode("latin-1").strip()
         elif name == b"mj-api-secret":
+            if secret is not None:
+                raise _ambiguous("mj-api-secret")
             secret = value.decode("latin-1").strip()
-    scheme, _, rest = authorization.partition(" ")
+    scheme, _, rest = (authorization or "").partition(" ")
     if scheme.lower() == "bearer":
         authorization = rest.strip()
     if authorization and authorization != _PLACEHOLDER:
         return authorization
     return secret or None
+
+
+def _ambiguous(header: str) -> GatewayError:
+    return GatewayError(400, f"the {header} header is given twice: send one key, once")
 
 
 class ClientRegistry:
@@ -59,6 +71,8 @@ class ClientRegistry:
         self._known: dict[str, ClientConfig] = {}
 
     def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> ClientConfig | None:
+        """The client whose key is presented; None for an unknown or missing key (unless
+        anonymous callers are allowed). Raises ``GatewayError`` (400) as ``extract_key``."""
         key = extract_key(headers)
         if key is None:
             return ANONYMOUS if self._allow_anonymous else None

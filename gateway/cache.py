@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -32,6 +32,7 @@ from gateway.store import KeySpace, Store
 
 __all__ = [
     "CachedTask",
+    "ImageHook",
     "StoreView",
     "TaskCache",
     "encode_task",
@@ -80,11 +81,38 @@ def image_expiry(task: dict[str, Any]) -> int | None:
 
 def terminal_ttl_s(task: dict[str, Any], config: CacheConfig, now: float) -> float:
     """How long a finished task may be served from cache; <= 0 means not at all."""
+    return _ttl_until(image_expiry(task), config, now)
+
+
+def _ttl_until(expiry: int | None, config: CacheConfig, now: float) -> float:
+    """The terminal TTL for an answer whose links stop working at ``expiry``."""
     ttl = float(config.terminal_ttl_s)
-    expiry = image_expiry(task)
     if expiry is not None:
         ttl = min(ttl, expiry - now - config.image_expiry_margin_s)
     return ttl
+
+
+class ImageHook(Protocol):
+    """What the image service (``gateway.images``) does to every fresh upstream answer."""
+
+    def rewrite(self, task: dict[str, Any]) -> bool:
+        """Point the task's image links at mjgate, in place; True when anything changed."""
+        ...
+
+    def admit(self, upstream: str, task: dict[str, Any]) -> int | None:
+        """Told of each fresh answer before it is cached (it may keep the image); the Unix
+        time the links in the (rewritten) task stop working, None when they outlive it."""
+        ...
+
+
+class _NoImages:
+    """Without the image service: links as the upstream gave them, expiring by ``ex=``."""
+
+    def rewrite(self, task: dict[str, Any]) -> bool:
+        return False
+
+    def admit(self, upstream: str, task: dict[str, Any]) -> int | None:
+        return image_expiry(task)
 
 
 class TaskCache:
@@ -98,6 +126,10 @@ class TaskCache:
         self.l1: LRU[tuple[str, str], CachedTask] = LRU(
             config.l1_max_entries, config.l1_max_bytes, lambda entry: len(entry.body)
         )
+        # Told ``(upstream, task)`` of every fresh upstream answer (the ledger follows
+        # statuses this way); they must not block.
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.images: ImageHook = _NoImages()
 
     def local(self, upstream: str, task_id: str) -> CachedTask | None:
         """The L1 entry, if fresh. No I/O: this is the hot path of a cached fetch."""
@@ -132,8 +164,7 @@ class TaskCache:
             row = values[index * width : (index + 1) * width]
             view = StoreView()
             if row[0] is not None:
-                view.owner = row[0].decode()
-                self.owners.remember(task_id, view.owner)
+                view.owner = self.owners.remember(task_id, row[0].decode())
             if row[1] is not None:
                 view.not_found_on = frozenset(row[1].decode().split(","))
             for upstream, value in zip(upstreams, row[2:], strict=True):
@@ -153,27 +184,46 @@ class TaskCache:
         if left_s <= 0:
             return None
         terminal = mark == _TERMINAL_MARK
-        ttl_s = min(left_s, self.config.l1_ttl_s) if terminal else left_s
+        # A running task the watcher keeps in the store changes there: another worker's copy
+        # lives no longer than a lookup's own answer would.
+        running_s = self.config.inflight_ttl_ms / 1000
+        ttl_s = min(left_s, self.config.l1_ttl_s if terminal else running_s)
         entry = CachedTask(upstream, value[_HEADER.size :], terminal, now + ttl_s)
         self.l1.set((entry.upstream, task_id), entry)
         return entry
 
-    async def put_tasks(self, answers: Iterable[tuple[str, dict[str, Any], bytes]]) -> None:
-        """Cache fresh upstream answers ``(upstream, task, exact body)`` in both tiers."""
+    async def put_tasks(
+        self,
+        answers: Iterable[tuple[str, dict[str, Any], bytes]],
+        running_ttl_ms: int | None = None,
+    ) -> list[bytes]:
+        """Cache fresh upstream answers ``(upstream, task, exact body)`` in both tiers; the
+        bodies to answer with, in order: the upstream's bytes, or the task re-encoded when the
+        image hook rewrote it (so every later hit is served these bytes as they are).
+
+        A running task is kept ``inflight_ttl_ms``, or ``running_ttl_ms`` when the watcher,
+        which refreshes it before then, writes it."""
         now_wall, now = time.time(), time.monotonic()
         by_ttl: dict[int, dict[str, bytes]] = {}
+        bodies: list[bytes] = []
         for upstream, task, body in answers:
+            for listener in self.listeners:
+                listener(upstream, task)
+            if self.images.rewrite(task):
+                body = orjson.dumps(task)
+            bodies.append(body)
+            links_expire = self.images.admit(upstream, task)
             task_id = task["id"]
             if task.get("status") in TERMINAL:
                 _count_finished(upstream, task)
-                ttl_s = terminal_ttl_s(task, self.config, now_wall)
+                ttl_s = _ttl_until(links_expire, self.config, now_wall)
                 if ttl_s <= 0:
                     continue
                 mark, l1_ttl = _TERMINAL_MARK, min(ttl_s, self.config.l1_ttl_s)
             else:
-                ttl_s = self.config.inflight_ttl_ms / 1000
+                ttl_s = (running_ttl_ms or self.config.inflight_ttl_ms) / 1000
                 mark, l1_ttl = _RUNNING_MARK, ttl_s
-            if ttl_s <= 0:
+            if ttl_s <= 0 or len(body) > self.config.max_value_bytes:
                 continue
             entry = CachedTask(upstream, body, mark == _TERMINAL_MARK, now + l1_ttl)
             self.l1.set((upstream, task_id), entry)
@@ -182,6 +232,7 @@ class TaskCache:
                 header + body
             )
         await self._write(by_ttl)
+        return bodies
 
     async def put_not_found(self, missing: Mapping[str, Iterable[str]]) -> None:
         """Remember for ``not_found_ttl_ms`` which upstreams said they have no such task."""

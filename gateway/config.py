@@ -19,14 +19,24 @@ __all__ = [
     "ConfigError",
     "CorsConfig",
     "FanoutConfig",
+    "ImagesConfig",
+    "LedgerConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "Quota",
+    "QuotaConfig",
     "RateLimit",
     "RateLimitConfig",
     "RedisConfig",
+    "S3Config",
     "Secret",
     "ServerConfig",
+    "SubmitConfig",
     "UpstreamConfig",
+    "Visibility",
+    "WatcherConfig",
+    "WebhookConfig",
+    "WebhooksConfig",
     "hash_key",
     "redacted",
 ]
@@ -130,6 +140,8 @@ class UpstreamConfig:
     queue_timeout_s: float = 2.0
     # The most bytes (after decompression) accepted in one answer; task JSON is far smaller.
     max_response_bytes: int = 8 * 1024 * 1024
+    # Submits to it carry mjgate's own notifyHook (needs server.public_url and secret_key).
+    push: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +169,29 @@ class Bucket:
     burst: int = 20
 
 
+# Which tasks a caller sees: every task, its team's (its own included), or only its own.
+Visibility = Literal["all", "team", "own"]
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Submits a caller may make per UTC day and per UTC month (None: no limit).
+    ``refund_failed`` gives a unit back for each task that ends FAILURE."""
+
+    submits_per_day: int | None = None
+    submits_per_month: int | None = None
+    refund_failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """Where a caller's task callbacks go when a submit names no ``notifyHook``, and the
+    Standard Webhooks secret (``whsec_<base64>``) they are signed with; empty: unsigned."""
+
+    url: str = ""
+    secret: Secret = field(default_factory=lambda: Secret(""))
+
+
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     """A caller. It may hold several keys at once (``key_sha256`` and
@@ -168,6 +203,10 @@ class ClientConfig:
     upstreams: tuple[str, ...] | None = None
     admin: bool = False  # may use the /admin/... routes (cache purge)
     extra_key_sha256s: tuple[str, ...] = ()
+    team: str = ""  # empty: in no team
+    visibility: Visibility = "all"
+    quota: Quota | None = None  # None: quota.default
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
 
     @property
     def key_sha256s(self) -> tuple[str, ...]:
@@ -194,6 +233,8 @@ class CacheConfig:
     # can serve a body that another worker invalidated.
     l1_ttl_s: int = 30
     image_expiry_margin_s: int = 300
+    # The largest task body either tier keeps: a larger answer is served, never cached.
+    max_value_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +242,58 @@ class FanoutConfig:
     max_ids: int = 500
     deadline_s: float = 10.0
     batch_size: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    """The quota of every client without one of its own."""
+
+    default: Quota = Quota()
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitConfig:
+    """The same submit body from the same caller within ``dedup_window_s`` is answered with
+    the first one's answer instead of being sent again (0: off)."""
+
+    dedup_window_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """How long submits are remembered (fractions of a day allowed), and when a task that
+    has not finished counts as stuck."""
+
+    retention_days: float = 30.0
+    stuck_after_s: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherConfig:
+    """The fleet's one refresher of running tasks (a leader lease in the store): every
+    ``interval_s``, or ``queued_interval_s`` for tasks still queued (None: the same)."""
+
+    enabled: bool = True
+    interval_s: float = 2.0
+    queued_interval_s: float | None = None
+
+    @property
+    def queued_every_s(self) -> float:
+        return self.interval_s if self.queued_interval_s is None else self.queued_interval_s
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    """Task callbacks mjgate delivers. ``allow``: destinations that may be called (hosts,
+    ``host:port``s, CIDRs); empty, none is. A failed delivery is tried again after
+    ``backoff_s``, doubling up to ``backoff_max_s``, ``max_attempts`` times in all; then it
+    is a dead letter."""
+
+    allow: tuple[str, ...] = ()
+    max_attempts: int = 10
+    backoff_s: float = 1.0
+    backoff_max_s: float = 600.0
+    timeout_s: float = 10.0  # one delivery attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +318,44 @@ class LoggingConfig:
     format: Literal["json", "console"] = "json"
 
 
+# Discord's and Midjourney's CDNs. Wildcards: these hosts must resolve to public addresses.
+DEFAULT_IMAGE_HOSTS = ("*.discordapp.com", "*.discordapp.net", "*.midjourney.com")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """An S3-compatible bucket that every replica shares (``images.store: s3``)."""
+
+    endpoint_url: str = ""  # empty: AWS's own endpoint for ``region``
+    bucket: str = ""
+    region: str = "us-east-1"
+    access_key: Secret = field(default_factory=lambda: Secret(""))
+    secret_key: Secret = field(default_factory=lambda: Secret(""))
+    prefix: str = "mjgate/images/"
+
+
+@dataclass(frozen=True, slots=True)
+class ImagesConfig:
+    """The image proxy (``/mj/image/{task_id}``).
+
+    Images are fetched only from ``allowed_hosts`` (and each upstream's own host). An exact
+    host there may resolve to a private address; one matched by a wildcard (``*`` or
+    ``*.example.com``) must resolve to public addresses only.
+    """
+
+    enabled: bool = False
+    allowed_hosts: tuple[str, ...] = DEFAULT_IMAGE_HOSTS
+    dir: str = "/var/cache/mjgate/images"
+    max_disk_bytes: int = 10 * 1024**3
+    max_bytes: int = 32 * 1024 * 1024  # one image, from its host
+    timeout_s: float = 30.0  # one fetch from an image host, redirects included
+    url_ttl_s: int = 86400  # signed URLs stay valid at least this long
+    rehost: bool = False  # keep every finished task's image when it is first seen
+    rewrite: bool = False  # task answers carry mjgate's signed image URL
+    store: Literal["disk", "s3"] = "disk"
+    s3: S3Config = field(default_factory=S3Config)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     upstreams: tuple[UpstreamConfig, ...]
@@ -239,6 +370,12 @@ class Config:
     circuit: CircuitConfig = CircuitConfig()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = LoggingConfig()
+    quota: QuotaConfig = QuotaConfig()
+    submit: SubmitConfig = SubmitConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    watcher: WatcherConfig = WatcherConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
 
 def redacted(config: Config) -> dict[str, Any]:

@@ -9,7 +9,10 @@ dataclass supplies its own.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -28,14 +31,23 @@ from gateway.config import (
     ConfigError,
     CorsConfig,
     FanoutConfig,
+    ImagesConfig,
+    LedgerConfig,
     LoggingConfig,
     MetricsConfig,
+    Quota,
+    QuotaConfig,
     RateLimit,
     RateLimitConfig,
     RedisConfig,
+    S3Config,
     Secret,
     ServerConfig,
+    SubmitConfig,
     UpstreamConfig,
+    WatcherConfig,
+    WebhookConfig,
+    WebhooksConfig,
     hash_key,
 )
 from gateway.weakkeys import is_weak_digest
@@ -48,6 +60,9 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 PASSTHROUGH_PATH = re.compile(r"^/mj[a-z-]*/[A-Za-z0-9/_.-]+$")
 KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 HOST = re.compile(r"^[A-Za-z0-9_.-]+$")
+HOSTNAME = re.compile(r"^(?!.*\.\.)[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?$")
+S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+S3_PREFIX = re.compile(r"^[A-Za-z0-9!_.*'()/-]{0,512}$")
 LIST_PATHS = ("/mj/task/list-by-condition", "/mj/task/list-by-ids")
 # One interpolation token: an escaped $, a well-formed ${VAR} or ${VAR:-default}, or the start
 # of a malformed one (an unclosed ${, or $VAR without braces).
@@ -211,11 +226,32 @@ class _Reader:
             circuit=self.section(root.get("circuit"), "circuit", CircuitConfig, _CIRCUIT),
             metrics=self.section(root.get("metrics"), "metrics", MetricsConfig, _METRICS),
             logging=self.section(root.get("logging"), "logging", LoggingConfig, _LOGGING),
+            quota=self.quota_config(root.get("quota")),
+            submit=self.section(root.get("submit"), "submit", SubmitConfig, _SUBMIT),
+            ledger=self.section(root.get("ledger"), "ledger", LedgerConfig, _LEDGER),
+            images=self.images(root.get("images")),
+            watcher=self.section(root.get("watcher"), "watcher", WatcherConfig, _WATCHER),
+            webhooks=self.section(root.get("webhooks"), "webhooks", WebhooksConfig, _WEBHOOKS),
             **self.fields(root, "", _ROOT),
         )
+        self.check_push(config)
+        self.check_images(config)
         if not config.clients and not config.allow_anonymous:
             self.fail("clients", "no clients configured; add one or set allow_anonymous: true")
         return config
+
+    def check_push(self, config: Config) -> None:
+        """An upstream that pushes needs a URL of mjgate's to push to, signed."""
+        server = config.server
+        for index, upstream in enumerate(config.upstreams):
+            if upstream.push and not (server.public_url and server.secret_key.reveal()):
+                self.fail(
+                    f"upstreams[{index}].push",
+                    "needs server.public_url and server.secret_key (its hook URL is signed)",
+                )
+        webhooks = config.webhooks
+        if webhooks.backoff_max_s < webhooks.backoff_s:
+            self.fail("webhooks.backoff_max_s", "must be at least webhooks.backoff_s")
 
     def server(self, node: Any) -> ServerConfig:
         m = self.mapping(node, "server", (*_SERVER, "cors"))
@@ -300,8 +336,12 @@ class _Reader:
             extra_key_sha256s=tuple(extra),
             rate_limit=self.limit(m.get("rate_limit"), f"{path}.rate_limit"),
             upstreams=self.allow_list(m.get("upstreams"), f"{path}.upstreams", upstream_names),
+            quota=self.quota(m.get("quota"), f"{path}.quota"),
+            webhook=self.section(m.get("webhook"), f"{path}.webhook", WebhookConfig, _WEBHOOK),
             **self.fields(m, path, _CLIENT),
         )
+        if client.visibility == "team" and not m.get("team"):
+            self.fail(f"{path}.visibility", "team needs the client's team: set team")
         return client, digests
 
     def digests(self, m: dict[str, Any], path: str, client: str) -> list[tuple[str, str]]:
@@ -364,6 +404,33 @@ class _Reader:
             if m.get(name) is not None
         }
         return RateLimit(main.rps, main.burst, **classes)
+
+    def quota(self, node: Any, path: str) -> Quota | None:
+        return None if node is None else self.section(node, path, Quota, _QUOTA)
+
+    def quota_config(self, node: Any) -> QuotaConfig:
+        m = self.mapping(node, "quota", ("default",))
+        default = self.quota(m.get("default"), "quota.default")
+        return QuotaConfig() if default is None else QuotaConfig(default)
+
+    def images(self, node: Any) -> ImagesConfig:
+        m = self.mapping(node, "images", (*_IMAGES, "s3"))
+        s3 = self.section(m.get("s3"), "images.s3", S3Config, _S3)
+        return ImagesConfig(s3=s3, **self.fields(m, "images", _IMAGES))
+
+    def check_images(self, config: Config) -> None:
+        """What the image settings need from the rest of the config."""
+        images, server = config.images, config.server
+        if not images.enabled:
+            for key in ("rehost", "rewrite"):
+                if getattr(images, key):
+                    self.fail(f"images.{key}", "needs images.enabled: true")
+        if images.rewrite and not (server.public_url and server.secret_key.reveal()):
+            self.fail("images.rewrite", "needs server.public_url and server.secret_key")
+        if images.max_disk_bytes < images.max_bytes:
+            self.fail("images.max_disk_bytes", "must be at least images.max_bytes")
+        if images.store == "s3" and not images.s3.bucket:
+            self.fail("images.s3.bucket", "is required with images.store: s3")
 
     def rate_limit(self, node: Any) -> RateLimitConfig:
         m = self.mapping(node, "rate_limit", ("default", *_RATE_LIMIT))
@@ -499,6 +566,51 @@ def _origin(value: Any) -> str:
     return text.lower()
 
 
+def _webhook_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    return "must not hold credentials" if parts.username or parts.password else None
+
+
+def _webhook_secret(value: str) -> str | None:
+    """A Standard Webhooks secret: ``whsec_`` and 24 to 64 random bytes in base64."""
+    if not value:
+        return None
+    hint = "(try: echo whsec_$(openssl rand -base64 32))"
+    try:
+        size = len(base64.b64decode(value.removeprefix("whsec_"), validate=True))
+    except binascii.Error:
+        size = 0
+    if not value.startswith("whsec_") or not 24 <= size <= 64:
+        return f"must be whsec_ and 24 to 64 bytes in base64 {hint}"
+    return None
+
+
+def _destination(value: Any) -> str:
+    """A webhook destination, normalized: ``host``, ``host:port`` or a CIDR (an address
+    alone is a one-address CIDR); IPv6 with a port as ``[addr]:port``."""
+    text = str(value).strip().lower()
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        pass
+    host, colon, port = text.rpartition(":")
+    if not colon or "]" in port:
+        host, port = text, ""
+    elif not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("must be a host, host:port or CIDR (port 1-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            address = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError("must be a host, host:port or CIDR") from None
+        return f"[{address}]:{port}" if port else str(address)
+    if not HOST.match(host):
+        raise ValueError("must be a host, host:port or CIDR")
+    return f"{host}:{port}" if port else host
+
+
 def _redis_url(value: str) -> str | None:
     if not value:
         return None
@@ -524,6 +636,22 @@ def _passthrough_path(value: Any) -> str:
     return value
 
 
+def _image_host(value: Any) -> str:
+    """A host images may come from: a name, an IP address, ``*`` or ``*.example.com``."""
+    text = str(value).strip().lower()
+    if text == "*" or _is_ip(text) or HOSTNAME.match(text.removeprefix("*.")):
+        return text
+    raise ValueError('must be a host name or address, "*" or "*.example.com" (no port)')
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _signing_key(value: str) -> str | None:
     if not value or len(value) >= _MIN_SECRET_KEY:
         return None
@@ -543,6 +671,12 @@ _SECTIONS = (
     "circuit",
     "metrics",
     "logging",
+    "quota",
+    "submit",
+    "ledger",
+    "images",
+    "watcher",
+    "webhooks",
 )
 _ROOT: dict[str, Convert] = {
     "allow_anonymous": _to_bool,
@@ -579,8 +713,13 @@ _UPSTREAM: dict[str, Convert] = {
     "max_concurrency": _checked(_to_int, _at_least(1)),
     "queue_timeout_s": _checked(_to_float, _at_least(0)),
     "max_response_bytes": _checked(_to_int, _at_least(1)),
+    "push": _to_bool,
 }
-_CLIENT: dict[str, Convert] = {"admin": _to_bool}
+_CLIENT: dict[str, Convert] = {
+    "admin": _to_bool,
+    "team": _checked(str, _matches(CLIENT_NAME)),
+    "visibility": _checked(_lower, _one_of("all", "team", "own")),
+}
 _CLIENT_KEYS = (
     "name",
     "key",
@@ -589,8 +728,56 @@ _CLIENT_KEYS = (
     "key_sha256s",
     "rate_limit",
     "upstreams",
+    "quota",
+    "webhook",
     *_CLIENT,
 )
+_QUOTA: dict[str, Convert] = {
+    "submits_per_day": _checked(_to_int, _at_least(0)),
+    "submits_per_month": _checked(_to_int, _at_least(0)),
+    "refund_failed": _to_bool,
+}
+_SUBMIT: dict[str, Convert] = {"dedup_window_s": _checked(_to_float, _at_least(0))}
+_WATCHER: dict[str, Convert] = {
+    "enabled": _to_bool,
+    "interval_s": _checked(_to_float, _positive),
+    "queued_interval_s": _checked(_to_float, _positive),
+}
+_WEBHOOKS: dict[str, Convert] = {
+    "allow": _list_of(_destination, "hosts, host:port entries or CIDRs"),
+    "max_attempts": _checked(_to_int, _at_least(1)),
+    "backoff_s": _checked(_to_float, _positive),
+    "backoff_max_s": _checked(_to_float, _positive),
+    "timeout_s": _checked(_to_float, _positive),
+}
+_WEBHOOK: dict[str, Convert] = {
+    "url": _checked(str, _webhook_url),
+    "secret": _secret(_webhook_secret),
+}
+_LEDGER: dict[str, Convert] = {
+    "retention_days": _checked(_to_float, _positive),
+    "stuck_after_s": _checked(_to_float, _positive),
+}
+_IMAGES: dict[str, Convert] = {
+    "enabled": _to_bool,
+    "allowed_hosts": _list_of(_image_host, "hosts"),
+    "dir": _checked(str, lambda value: None if value else "must not be empty"),
+    "max_disk_bytes": _checked(_to_int, _at_least(1)),
+    "max_bytes": _checked(_to_int, _at_least(1)),
+    "timeout_s": _checked(_to_float, _positive),
+    "url_ttl_s": _checked(_to_int, _at_least(60)),
+    "rehost": _to_bool,
+    "rewrite": _to_bool,
+    "store": _checked(_lower, _one_of("disk", "s3")),
+}
+_S3: dict[str, Convert] = {
+    "endpoint_url": _checked(str, lambda value: _http_url(value) if value else None),
+    "bucket": _checked(str, lambda value: _matches(S3_BUCKET)(value) if value else None),
+    "region": str,
+    "access_key": _secret(),
+    "secret_key": _secret(),
+    "prefix": _checked(str, _matches(S3_PREFIX)),
+}
 _BUCKET: dict[str, Convert] = {
     "rps": _checked(_to_float, _positive),
     "burst": _checked(_to_int, _at_least(1)),

@@ -132,8 +132,8 @@ class TaskLookup:
             await self.cache.put_not_found({task_id: asked})
             return _MISSING
         response, task = found
-        await self.cache.put_tasks([(response.upstream, task, response.content)])
-        return Answer(True, response.content, response.status, response.content_type)
+        (body,) = await self.cache.put_tasks([(response.upstream, task, response.content)])
+        return Answer(True, body, response.status, response.content_type)
 
     async def owner_of(
         self, mode: str, task_id: str, allowed: Sequence[Upstream], info: RequestInfo
@@ -292,7 +292,8 @@ class TaskLookup:
         if failed_calls == len(calls):
             raise UpstreamFailures(errors)
         await self.owners.record_many(discovered)
-        await self.cache.put_tasks(fresh)
+        for (_, task, _), body in zip(fresh, await self.cache.put_tasks(fresh), strict=True):
+            bodies[task["id"]] = body  # as cached: image links rewritten, if they are
         names = frozenset(u.name for u in allowed)
         missing = {
             t: ({owners[t]} if t in owners else names)

@@ -8,7 +8,7 @@ behind the routes.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -19,27 +19,45 @@ from starlette.routing import BaseRoute, Route
 from gateway import __version__
 from gateway.config import Config
 from gateway.protocol import MODES, STATUSES, TASK_ID_PATTERN
+from gateway.query import MAX_DEPTH, SORT_FIELDS
 
-__all__ = ["OPENAPI_PATH", "document", "openapi_route"]
+__all__ = ["OPENAPI_PATH", "SUBMIT_FIELDS", "document", "openapi_route"]
 
 OPENAPI_PATH = "/openapi.json"
 _REF = "#/components"
 Schema = dict[str, Any]
 
 
+# The JSON types of the submit fields the gateway checks (gateway.validation refuses others).
+SUBMIT_FIELDS = {
+    "prompt": "string",
+    "taskId": "string",
+    "customId": "string",
+    "action": "string",
+    "index": "integer",
+    "content": "string",
+    "base64": "string",
+    "base64Array": "array",
+    "maskBase64": "string",
+    "sourceBase64": "string",
+    "targetBase64": "string",
+    "notifyHook": "string",
+    "state": "string",
+    "dimensions": "string",
+    "botType": "string",
+    "accountFilter": "object",
+}
+
+
 def openapi_route(routes: Sequence[BaseRoute], config: Config) -> Route:
     """``GET /openapi.json``: the document for ``routes`` and this route, built once."""
-    own = Route(OPENAPI_PATH, _placeholder, methods=["GET"])
-    body = orjson.dumps(document([*routes, own], config))
 
     async def openapi(request: Request) -> Response:
         return Response(body, media_type="application/json")
 
-    return Route(OPENAPI_PATH, openapi, methods=["GET"])
-
-
-async def _placeholder(request: Request) -> Response:
-    raise AssertionError("never served: stands for /openapi.json while it is documented")
+    route = Route(OPENAPI_PATH, openapi, methods=["GET"])
+    body = orjson.dumps(document([*routes, route], config))
+    return route
 
 
 def document(routes: Sequence[BaseRoute], config: Config) -> dict[str, Any]:
@@ -102,9 +120,9 @@ def _family(path: str, config: Config) -> tuple[str, str]:
 
 
 def _operation_id(base: str, mode: str, path: str) -> str:
-    if base == "passthrough":
-        slug = "".join(ch if ch.isalnum() else "_" for ch in path).strip("_")
-        return f"passthrough_{slug}"
+    if base.startswith("passthrough"):
+        # One per configured path: the path makes it unique.
+        return base + "_" + "".join(ch if ch.isalnum() else "_" for ch in path).strip("_")
     return base + mode.removeprefix("/mj-").capitalize()
 
 
@@ -119,6 +137,10 @@ def _path_parameters(path: str) -> list[Schema]:
             "The task action, forwarded to the task's owner: `image-seed`, `cancel`, ...",
             {"type": "string", "pattern": "^[a-z][a-z0-9-]{0,39}$"},
         ),
+        "n": ("Which of the task's `imageUrls`, from 0.", {"type": "integer", "minimum": 0}),
+        "upstream": ("The pushing upstream's name.", {"type": "string"}),
+        "token": ("The upstream's push token, made by mjgate.", {"type": "string"}),
+        "delivery_id": ("A delivery's webhook-id (msg_...).", {"type": "string"}),
     }
     params = []
     for name, (description, schema) in shapes.items():
@@ -184,9 +206,7 @@ def _body(schema: Schema, required: bool = True) -> Schema:
 def _fetch(config: Config) -> Schema:
     ok = _json(_ref("Task"), "The task, from the cache or from the upstream that owns it.")
     ok["headers"] = {"X-Cache": _ref("X-Cache", "headers")}
-    return _operation(
-        "fetchTask", "tasks", "Fetch one task", ok, (*_CALLER, 404, *_UPSTREAM)
-    )
+    return _operation("fetchTask", "tasks", "Fetch one task", ok, (*_CALLER, 404, *_UPSTREAM))
 
 
 def _list_by_ids(name: str) -> Callable[[Config], Schema]:
@@ -235,7 +255,7 @@ def _submit(name: str, summary: str) -> Callable[[Config], Schema]:
         ok = _json(_ref("SubmitEnvelope"), "The upstream's envelope, as it answered.")
         # An upstream's refusal in the envelope's shape is forwarded with its own status.
         refused = _json(
-            {"oneOf": [_ref("Error"), _ref("SubmitEnvelope")]},
+            {"anyOf": [_ref("Error"), _ref("SubmitEnvelope")]},
             "Refused by the gateway, or by the upstream in the envelope's shape.",
         )
         operation = _operation(
@@ -243,7 +263,7 @@ def _submit(name: str, summary: str) -> Callable[[Config], Schema]:
             "submit",
             summary,
             ok,
-            (*_CALLER, *_BODY, *_UPSTREAM),
+            (*_CALLER, *_BODY, *_UPSTREAM, 422),
             _body(_ref("SubmitBody")),
         )
         operation["responses"].update({"400": refused, "404": refused})
@@ -257,7 +277,7 @@ def _task_action(method: str) -> Callable[[Config], Schema]:
         ok = {"description": "The owner upstream's answer, as it came."}
         body = _body({"type": "object"}, required=False) if method == "POST" else None
         errors = (*_CALLER, 404, *_UPSTREAM, *(_BODY if body else ()))
-        return _operation(
+        operation = _operation(
             f"taskAction{method.capitalize()}",
             "actions",
             "Act on one task at the upstream that owns it",
@@ -265,6 +285,8 @@ def _task_action(method: str) -> Callable[[Config], Schema]:
             errors,
             body,
         )
+        operation["responses"]["default"] = ok
+        return operation
 
     return build
 
@@ -275,10 +297,14 @@ def _passthrough(method: str) -> Callable[[Config], Schema]:
         body = _body({"type": "object"}, required=False) if method == "POST" else None
         errors = (*_CALLER, *_UPSTREAM, *(_BODY if body else ()))
         operation = _operation(
-            "passthrough", "passthrough", "Forwarded as it is (config: passthrough)", ok, errors,
+            f"passthrough{method.capitalize()}",
+            "passthrough",
+            "Forwarded as it is to one upstream (config: passthrough)",
+            ok,
+            errors,
             body,
         )
-        operation["x-method"] = method
+        operation["responses"]["default"] = ok
         return operation
 
     return build
@@ -293,6 +319,179 @@ def _purge(config: Config) -> Schema:
         ok,
         (*_CALLER, 403, *_BODY, 503),
         _body(_ref("IdsBody")),
+    )
+
+
+def _query_parameters(names: dict[str, str]) -> list[Schema]:
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": text,
+            "schema": {"type": "string"},
+        }
+        for name, text in names.items()
+    ]
+
+
+def _usage(config: Config) -> Schema:
+    ok = _json(_ref("Usage"), "Submits and their outcomes per group; text/csv with format=csv.")
+    ok["content"]["text/csv"] = {"schema": {"type": "string"}}
+    operation = _operation(
+        "usage", "admin", "What each caller spent (admin clients only)", ok, (*_CALLER, 403, 503)
+    )
+    operation["parameters"] = _query_parameters(
+        {
+            "from": "First UTC day: YYYY-MM-DD or ISO-8601 (default: the 1st of to's month).",
+            "to": "Last UTC day, included (default: today).",
+            "client": "Only this client.",
+            "group_by": "day, client, action, upstream, or several joined by commas.",
+            "format": "json (default) or csv.",
+        }
+    )
+    return operation
+
+
+def _task_log(config: Config) -> Schema:
+    ok = _json(_ref("TaskLog"), "Ledger records, newest first, with the next page's cursor.")
+    operation = _operation(
+        "taskLog",
+        "admin",
+        "The task log from the ledger (admin clients only)",
+        ok,
+        (*_CALLER, 403, 503),
+    )
+    operation["parameters"] = _query_parameters(
+        {
+            "client": "Only this client's tasks.",
+            "status": "Only tasks last seen in this status.",
+            "action": "Only this action (IMAGINE, UPSCALE, ...).",
+            "since": "Submitted at or after: ISO-8601 or epoch ms.",
+            "until": "Submitted at or before: ISO-8601 or epoch ms.",
+            "limit": "At most this many (1-1000, default 100).",
+            "cursor": "next_cursor of the previous page.",
+            "state": "stuck: tasks not finished ledger.stuck_after_s after their submit.",
+        }
+    )
+    return operation
+
+
+def _image(name: str, summary: str) -> Callable[[Config], Schema]:
+    def build(config: Config) -> Schema:
+        ok = {
+            "description": "The image (206 for a Range request; 304 when not modified).",
+            "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+        }
+        errors = (*_CALLER, 403, 404, *_UPSTREAM)
+        operation = _operation(name, "images", summary, ok, errors)
+        operation["parameters"] = _query_parameters(
+            {
+                "exp": "A signed URL's expiry (Unix seconds); with sig, no key is needed.",
+                "sig": "A signed URL's signature (made by mjgate, images.rewrite).",
+            }
+        )
+        operation["security"] = [{"mjApiSecret": []}, {"bearerKey": []}, {}]
+        return operation
+
+    return build
+
+
+def _task_events(config: Config) -> Schema:
+    ok = {
+        "description": "The task's states as Server-Sent Events, one per change, each with "
+        "an id for Last-Event-ID; the stream ends after the terminal state.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+    operation = _operation(
+        "taskEvents",
+        "tasks",
+        "Stream a task's changes (Server-Sent Events)",
+        ok,
+        (*_CALLER, 404, *_UPSTREAM),
+    )
+    operation["parameters"] = _query_parameters(
+        {"token": "A stream token from POST .../events/token: then no key is needed."}
+    )
+    operation["security"] = [{"mjApiSecret": []}, {"bearerKey": []}, {}]
+    return operation
+
+
+def _events_token(config: Config) -> Schema:
+    token = {
+        "type": "object",
+        "required": ["token", "expires_at", "url"],
+        "properties": {
+            "token": {"type": "string"},
+            "expires_at": {"type": "integer", "description": "Unix seconds."},
+            "url": {"type": "string", "description": "The stream's path with the token."},
+        },
+    }
+    return _operation(
+        "taskEventsToken",
+        "tasks",
+        "A short-lived token for a browser's EventSource on the task's stream",
+        _json(token, "The token, for ?token= on the stream URL."),
+        (*_CALLER, 404, *_UPSTREAM),
+    )
+
+
+def _notify(config: Config) -> Schema:
+    return _operation(
+        "upstreamNotify",
+        "push",
+        "An upstream pushing a task's change (upstreams[].push; the URL is the credential)",
+        _json({"type": "object"}, "Taken."),
+        (400, 404, *_BODY),
+        _body(_ref("Task")),
+        public=True,
+    )
+
+
+_DELIVERY: Schema = {
+    "type": "object",
+    "required": ["id", "task_id", "url", "attempts", "state", "last_error"],
+    "properties": {
+        "id": {"type": "string", "description": "The webhook-id, the same on every attempt."},
+        "task_id": {"type": "string"},
+        "client": {"type": "string"},
+        "url": {"type": "string"},
+        "attempts": {"type": "integer"},
+        "state": {"enum": ["pending", "dead"]},
+        "last_error": {"type": "string"},
+        "created_at": {"type": "number"},
+        "next_at": {"type": "number"},
+    },
+}
+
+
+def _webhooks(config: Config) -> Schema:
+    listing = {
+        "type": "object",
+        "required": ["deliveries"],
+        "properties": {"deliveries": {"type": "array", "items": _DELIVERY}},
+    }
+    operation = _operation(
+        "webhookDeliveries",
+        "admin",
+        "Task callbacks pending or dead-lettered (admin clients only)",
+        _json(listing, "The deliveries, oldest first."),
+        (*_CALLER, 403, 503),
+    )
+    operation["parameters"] = _query_parameters(
+        {"state": "pending (default) or dead.", "limit": "At most this many (1-1000)."}
+    )
+    return operation
+
+
+def _webhook_retry(config: Config) -> Schema:
+    retried = {"type": "object", "required": ["delivery"], "properties": {"delivery": _DELIVERY}}
+    return _operation(
+        "retryWebhook",
+        "admin",
+        "Deliver a dead letter again (admin clients only)",
+        _json(retried, "Queued again, its attempts counted from zero."),
+        (*_CALLER, 403, 404, 503),
     )
 
 
@@ -342,9 +541,18 @@ _OPERATIONS: dict[tuple[str, str], Callable[[Config], Schema]] = {
     ("GET", "/mj/task/queue"): _recent("listQueue", "The tasks not finished yet"),
     ("POST", "/mj/submit/{kind}"): _submit("submit", "Create work at an upstream"),
     ("POST", "/mj/insight-face/{kind}"): _submit("insightFace", "Create face-swap work"),
+    ("GET", "/mj/task/{task_id}/events"): _task_events,
+    ("POST", "/mj/task/{task_id}/events/token"): _events_token,
+    ("POST", "/mj/notify/{upstream}/{token}"): _notify,
+    ("GET", "/admin/webhooks"): _webhooks,
+    ("POST", "/admin/webhooks/{delivery_id}/retry"): _webhook_retry,
     ("GET", "/mj/task/{task_id}/{action}"): _task_action("GET"),
     ("POST", "/mj/task/{task_id}/{action}"): _task_action("POST"),
+    ("GET", "/mj/image/{task_id}"): _image("image", "A task's image, kept by mjgate"),
+    ("GET", "/mj/image/{task_id}/{n}"): _image("imageN", "One of a task's imageUrls"),
     ("POST", "/admin/cache/purge"): _purge,
+    ("GET", "/admin/usage"): _usage,
+    ("GET", "/admin/tasks"): _task_log,
     ("GET", "passthrough"): _passthrough("GET"),
     ("POST", "passthrough"): _passthrough("POST"),
     ("GET", "/healthz"): _healthz,
@@ -359,6 +567,7 @@ _ERROR_STATUSES = {
     403: "The client may not use this route.",
     404: "No such task (or parent task).",
     413: "The body is larger than server.max_body_bytes.",
+    422: "The Idempotency-Key was used before with a different request.",
     429: "Over the client's rate limit; see Retry-After.",
     502: "An upstream gave no usable answer.",
     503: "No upstream could take the request (circuits open, caps full, store down).",
@@ -366,6 +575,9 @@ _ERROR_STATUSES = {
 }
 
 _NULLABLE_STRING: Schema = {"type": ["string", "null"]}
+_SORT_PATTERN = (
+    r"^$|^\s*(" + "|".join(sorted(SORT_FIELDS)) + r")\s*(,\s*([Aa][Ss][Cc]|[Dd][Ee][Ss][Cc])?\s*)?$"
+)
 _NULLABLE_INT: Schema = {"type": ["integer", "null"]}
 
 
@@ -412,19 +624,28 @@ def _components(config: Config) -> Schema:
         "IdsBody": {"type": "object", "required": ["ids"], "properties": {"ids": ids}},
         "QueryBody": {
             "type": "object",
+            "description": "A field that is null or empty filters nothing. The page asked "
+            f"for may not reach past row {MAX_DEPTH}: (pageNumber + 1) * pageSize <= {MAX_DEPTH}.",
             "properties": {
-                "pageNumber": {"type": "integer", "minimum": 0},
-                "pageSize": {"type": "integer", "minimum": 1},
-                "sort": {"type": "string", "description": "FIELD,asc or FIELD,desc"},
-                "id": _ref("TaskId"),
-                "ids": ids,
-                "status": {"type": "string", "enum": statuses},
-                "statusSet": {"type": "array", "items": {"type": "string", "enum": statuses}},
+                "pageNumber": {"type": ["integer", "null"], "minimum": 0},
+                "pageSize": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_DEPTH},
+                "sort": {
+                    "type": ["string", "null"],
+                    "description": "FIELD,asc or FIELD,desc (default submitTime,desc)",
+                    "pattern": _SORT_PATTERN,
+                },
+                "id": {"anyOf": [_ref("TaskId"), {"enum": ["", None]}]},
+                "ids": {"anyOf": [ids, {"type": "null"}]},
+                "status": {"enum": [*statuses, "", None]},
+                "statusSet": {
+                    "type": ["array", "null"],
+                    "items": {"type": "string", "enum": statuses},
+                },
                 **{
-                    name: {"type": "string"}
+                    name: _NULLABLE_STRING
                     for name in ("action", "state", "prompt", "promptEn", "description")
                 },
-                "failReason": {"type": "string"},
+                "failReason": _NULLABLE_STRING,
             },
         },
         "Page": {
@@ -445,7 +666,13 @@ def _components(config: Config) -> Schema:
         "SubmitBody": {
             "type": "object",
             "description": "Fields the gateway checks; unknown fields are forwarded as they are.",
-            "properties": {name: {"type": kind} for name, kind in SUBMIT_FIELDS.items()},
+            "properties": {
+                **{name: {"type": [kind, "null"]} for name, kind in SUBMIT_FIELDS.items()},
+                "taskId": {
+                    "anyOf": [_ref("TaskId"), {"type": "null"}],
+                    "description": "The task a follow-up (action, modal, change) acts on.",
+                },
+            },
         },
         "SubmitEnvelope": {
             "type": "object",
@@ -465,6 +692,25 @@ def _components(config: Config) -> Schema:
             "required": ["purged"],
             "properties": {"purged": {"type": "array", "items": _ref("TaskId")}},
         },
+        "Usage": {
+            "type": "object",
+            "required": ["from", "to", "group_by", "rows", "totals"],
+            "properties": {
+                "from": {"type": "string"},
+                "to": {"type": "string"},
+                "group_by": {"type": "array", "items": {"type": "string"}},
+                "rows": {"type": "array", "items": {"type": "object"}},
+                "totals": {"type": "object"},
+            },
+        },
+        "TaskLog": {
+            "type": "object",
+            "required": ["tasks", "next_cursor"],
+            "properties": {
+                "tasks": {"type": "array", "items": {"type": "object"}},
+                "next_cursor": _NULLABLE_STRING,
+            },
+        },
         "Health": {
             "type": "object",
             "required": ["status"],
@@ -478,7 +724,7 @@ def _components(config: Config) -> Schema:
                 "store": {"enum": ["ok", "unreachable"]},
                 "upstreams": {
                     "type": "object",
-                    "additionalProperties": {"enum": ["closed", "open", "half-open"]},
+                    "additionalProperties": {"enum": ["closed", "open", "half_open"]},
                 },
             },
         },
@@ -508,24 +754,3 @@ def _components(config: Config) -> Schema:
         "headers": headers,
         "securitySchemes": security,
     }
-
-
-# The JSON types of the submit fields the gateway checks (gateway.validation refuses others).
-SUBMIT_FIELDS = {
-    "prompt": "string",
-    "taskId": "string",
-    "customId": "string",
-    "action": "string",
-    "index": "integer",
-    "content": "string",
-    "base64": "string",
-    "base64Array": "array",
-    "maskBase64": "string",
-    "sourceBase64": "string",
-    "targetBase64": "string",
-    "notifyHook": "string",
-    "state": "string",
-    "dimensions": "string",
-    "botType": "string",
-    "accountFilter": "object",
-}

@@ -38,10 +38,15 @@ class OutboundCaps:
         self._local = MemoryStore(max_keys=0)
         self._store_down = False
 
-    async def acquire(self) -> str:
-        """A slot holder id to pass to ``release``; raises Saturated after the wait."""
+    async def acquire(self, deadline: float | None = None) -> str:
+        """A slot holder id to pass to ``release``; raises Saturated after the wait.
+
+        The wait ends after ``queue_timeout_s`` or at ``deadline`` (``time.monotonic()``),
+        whichever comes first: a fan-out's deadline covers its wait for the caps too.
+        """
         holder = uuid.uuid4().hex
-        deadline = time.monotonic() + self.config.queue_timeout_s
+        waited = time.monotonic() + self.config.queue_timeout_s
+        deadline = waited if deadline is None else min(deadline, waited)
         while True:
             wait_ms = await self._try(holder)
             if wait_ms == 0:

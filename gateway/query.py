@@ -218,7 +218,7 @@ class TaskSearch:
         try:
             page = orjson.loads(response.content)
             rows = [t for t in page["content"] if isinstance(t, dict)]
-            return Merged(rows, int(page["totalElements"]), [])
+            return Merged(self._rewritten(rows), int(page["totalElements"]), [])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             detail = f"answered HTTP {response.status} with something other than a page"
             raise UpstreamError(upstream.name, "broken", True, detail) from None
@@ -242,6 +242,12 @@ class TaskSearch:
             merged.rows = merged.rows[:RECENT_LIMIT]
         return merged
 
+    def _rewritten(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows as mjgate answers them: image links rewritten, when images.rewrite is on."""
+        for row in rows:
+            self.lookup.cache.images.rewrite(row)
+        return rows
+
     async def _recent_one(
         self, mode: str, kind: str, upstream: Upstream, info: RequestInfo
     ) -> Merged:
@@ -253,7 +259,7 @@ class TaskSearch:
         if rows is None:
             detail = f"answered HTTP {response.status} with something other than a task list"
             raise UpstreamError(upstream.name, "broken", True, detail)
-        return Merged(rows, len(rows), [])
+        return Merged(self._rewritten(rows), len(rows), [])
 
 
 def _merge(outcomes: list[Merged | UpstreamFailures]) -> Merged:

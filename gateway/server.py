@@ -6,6 +6,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import Config
+from gateway.http11 import bounded_http
 from gateway.logs import configure_logging, secrets_of
 from gateway.worker import DrainingServer
 
@@ -15,14 +16,14 @@ __all__ = ["serve", "uvicorn_config"]
 def uvicorn_config(
     config: Config, host: str | None = None, port: int | None = None
 ) -> uvicorn.Config:
-    """uvicorn settings for the gateway: uvloop, httptools, and no access log of its own
-    (the gateway writes one line per request itself)."""
+    """uvicorn settings for the gateway: uvloop, httptools with the header bounds of
+    ``server``, and no access log of its own (the gateway writes one line per request)."""
     return uvicorn.Config(
         create_app(config),
         host=host or config.server.host,
         port=port or config.server.port,
         loop="uvloop",
-        http="httptools",
+        http=bounded_http(config.server),
         access_log=False,
         log_level="warning",
         lifespan="on",

@@ -10,7 +10,7 @@ may be built before a fork (gunicorn ``preload_app``) without sharing sockets.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +22,23 @@ from gateway.auth import ClientRegistry
 from gateway.cache import TaskCache
 from gateway.circuit import CircuitBreaker
 from gateway.config import Config, UpstreamConfig
+from gateway.dedup import Dedup
+from gateway.events import EventHub, StreamTokens, TaskEvents
+from gateway.images.service import ImageService
+from gateway.ledger import Ledger
 from gateway.lookup import TaskLookup
 from gateway.metrics import CIRCUIT_STATE, CIRCUIT_VALUES
 from gateway.outbound import OutboundCaps
 from gateway.owners import OwnerMap
+from gateway.push import Pushes
 from gateway.query import TaskSearch
+from gateway.quota import Quotas
 from gateway.ratelimit import CallerLimiter
 from gateway.store import KeySpace, Store, open_store
 from gateway.upstreams import Upstream, UpstreamPool
+from gateway.visibility import Visibility
+from gateway.watcher import Watcher
+from gateway.webhooks import Deliveries
 
 __all__ = ["Background", "Services", "open_services", "services_of"]
 
@@ -72,6 +81,16 @@ class Services:
     lookup: TaskLookup
     search: TaskSearch
     background: Background
+    visibility: Visibility
+    quotas: Quotas
+    ledger: Ledger
+    dedup: Dedup
+    deliveries: Deliveries
+    events: TaskEvents
+    hub: EventHub
+    stream_tokens: StreamTokens
+    pushes: Pushes
+    images: ImageService | None = None  # images.enabled
 
 
 def services_of(scope: Scope) -> Services:
@@ -90,6 +109,14 @@ async def open_services(config: Config) -> AsyncIterator[Services]:
     owners = OwnerMap(store, keys, config.cache.owner_ttl_s, config.cache.l1_max_entries)
     cache = TaskCache(store, keys, config.cache, owners)
     lookup = TaskLookup(owners, cache, config.fanout)
+    background = Background()
+    quotas = Quotas(store, keys, config)
+    ledger = Ledger(store, keys, config, owners, quotas, background.spawn)
+    cache.listeners.append(ledger.saw)
+    deliveries = Deliveries(config, store, keys)
+    events = TaskEvents(store, keys, deliveries, background.spawn)
+    cache.listeners.append(events.saw)
+    images = await _open_images(config, pool, cache, background)
     services = Services(
         config=config,
         registry=ClientRegistry(config),
@@ -101,14 +128,68 @@ async def open_services(config: Config) -> AsyncIterator[Services]:
         cache=cache,
         lookup=lookup,
         search=TaskSearch(lookup, config.fanout.deadline_s),
-        background=Background(),
+        background=background,
+        visibility=Visibility(owners),
+        quotas=quotas,
+        ledger=ledger,
+        dedup=Dedup(store, keys, config.submit.dedup_window_s, _submit_lease_s(config)),
+        deliveries=deliveries,
+        events=events,
+        hub=EventHub(store, events.channel),
+        stream_tokens=StreamTokens(config.server.secret_key.reveal(), config.clients),
+        pushes=Pushes(config, store, keys, owners),
+        images=images,
     )
+    background.spawn(ledger.watch_stuck())
+    _start_watching(services)
     try:
         yield services
     finally:
         await services.background.aclose()
+        if images is not None:
+            await images.aclose()
         await pool.aclose()
         await store.close()
+
+
+async def _open_images(
+    config: Config, pool: UpstreamPool, cache: TaskCache, background: Background
+) -> ImageService | None:
+    """The image service (with ``images.enabled``), opened and hooked into the task cache."""
+    if not config.images.enabled:
+        return None
+    images = ImageService(config, pool, cache, background.spawn)
+    await images.open()
+    cache.images = images
+    return images
+
+
+def _start_watching(services: Services) -> None:
+    """The loops every worker runs: its event subscription, its share of the webhook
+    deliveries, and a bid for the watcher's lease."""
+    spawn = services.background.spawn
+    spawn(_forever("events", services.hub.run))
+    spawn(_forever("webhooks", services.deliveries.run))
+    if services.config.watcher.enabled:
+        s = services
+        watcher = Watcher(s.config, s.store, s.keys, s.pool, s.cache, s.owners, s.ledger)
+        spawn(_forever("watcher", watcher.run))
+
+
+async def _forever(name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a loop meant to last until cancelled; a bug that ends it is logged and the loop
+    started again a moment later."""
+    while True:
+        try:
+            await loop()
+        except Exception:
+            log.exception("background_loop_failed", loop=name)
+        await asyncio.sleep(1.0)
+
+
+def _submit_lease_s(config: Config) -> float:
+    """The longest one submit may take: every upstream tried in turn, each waited for."""
+    return sum(u.queue_timeout_s + u.timeout_s for u in config.upstreams) + 5.0
 
 
 def _upstream(config: Config, upstream: UpstreamConfig, store: Store, keys: KeySpace) -> Upstream:
@@ -118,5 +199,10 @@ def _upstream(config: Config, upstream: UpstreamConfig, store: Store, keys: KeyS
 
     CIRCUIT_STATE.labels(upstream.name).set(0)
     circuit = config.circuit
-    breaker = CircuitBreaker(circuit.failure_threshold, circuit.cooldown_s, changed)
-    return Upstream(upstream, OutboundCaps(store, keys, upstream), breaker)
+    # The breaker wakes itself when its cool-down ends, so the state metric turns on time.
+    schedule = asyncio.get_running_loop().call_later
+    breaker = CircuitBreaker(
+        circuit.failure_threshold, circuit.cooldown_s, changed, schedule=schedule
+    )
+    caps = OutboundCaps(store, keys, upstream)
+    return Upstream(upstream, caps, breaker, [u.key.reveal() for u in config.upstreams])

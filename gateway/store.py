@@ -8,31 +8,54 @@ cache miss or a refusal, so a slow store never stalls a request for long.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
+import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.buckets import OUTBOUND_LUA, TAKE_LUA, Grant, MemoryBucket, MemoryOutbound
 from gateway.config import RedisConfig
 from gateway.errors import StoreError
 from gateway.metrics import STORE_ERRORS
+from gateway.records import ADVANCE_LUA, RESERVE_LUA, UNRESERVE_LUA, MemoryRecords
+from gateway.streams import (
+    APPEND_LUA,
+    LEASE_LUA,
+    QUEUE_GROUP,
+    RELEASE_DUE_LUA,
+    UNLEASE_LUA,
+    MemoryLog,
+    MemoryQueue,
+    id_order,
+    next_id,
+)
 
 __all__ = ["KeySpace", "MemoryStore", "RedisStore", "Store", "open_store"]
 
 
+log = structlog.get_logger("mjgate.store")
+
+# After a timeout, how long every call fails at once instead of waiting out a socket timeout.
 _FAIL_FAST_S = 1.0
+# At most one log line per operation this often while a store fails; each line counts the
+# errors it stands for, and the line saying the store is back counts the rest.
+_LOG_EVERY_S = 1.0
+# One more try, on a new connection, for a command whose pooled connection turned out closed
+# (Redis restarted): that costs nothing, unlike a retry on a slow Redis.
+_RETRY = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 class Store(Protocol):
@@ -56,6 +79,61 @@ class Store(Protocol):
 
     async def release_slot(self, key: str, holder: str) -> None: ...
 
+    # -- the ledger's records, indexes and counters, and quotas (see gateway.records) ----------
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
+        """Set ``key`` unless it holds a value; True when this call set it."""
+        ...
+
+    async def set_many_if_absent(self, items: Mapping[str, bytes], ttl_ms: int) -> None: ...
+
+    async def write_record(self, key: str, fields: Mapping[str, str], ttl_ms: int) -> None:
+        """Set fields of a record (a hash of strings) and its time to live."""
+        ...
+
+    async def read_records(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        """Each record whole; an empty dict for a record that does not exist."""
+        ...
+
+    async def advance_record(
+        self, key: str, fields: Mapping[str, str], final: bool
+    ) -> dict[str, str] | None:
+        """Set fields of an existing record that is not final yet; when ``final``, also mark
+        it final and return it whole (None otherwise): one caller in the fleet gets it."""
+        ...
+
+    async def add_counts(self, key: str, counts: Mapping[str, int], ttl_ms: int) -> None:
+        """Add to integer fields of a record (created if absent) and set its time to live."""
+        ...
+
+    async def index_add(
+        self, entries: Sequence[tuple[str, str, float]], ttl_ms: int, keep_from: float
+    ) -> None:
+        """Add ``(index, member, score)`` entries; drop members scored below ``keep_from``
+        from those indexes and set their time to live."""
+        ...
+
+    async def index_remove(self, key: str, member: str) -> None: ...
+
+    async def index_range(
+        self, key: str, high: float, low: float, limit: int
+    ) -> list[tuple[str, float]]:
+        """Up to ``limit`` members scored ``low..high`` (inclusive), highest score first."""
+        ...
+
+    async def index_count(self, keys: Sequence[str], low: float, high: float) -> list[int]: ...
+
+    async def reserve(
+        self, keys: Sequence[str], limits: Sequence[int], ttls_ms: Sequence[int]
+    ) -> int:
+        """Count one unit on every counter if each is under its limit, else on none: 0 when
+        counted, else the 1-based position of the first counter at its limit."""
+        ...
+
+    async def unreserve(self, keys: Sequence[str]) -> None:
+        """Give back one unit to each counter (never below zero)."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def open(self) -> None:
@@ -63,6 +141,78 @@ class Store(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    # Leases, pub/sub, logs and queues: the watcher's leadership, live task events and the
+    # webhook delivery queue.
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """Take the lease at ``key`` for ``holder``, or renew it when ``holder`` has it;
+        False while someone else holds it."""
+        ...
+
+    async def release_lease(self, key: str, holder: str) -> None:
+        """Give the lease up, if ``holder`` still has it."""
+        ...
+
+    async def publish(self, channel: str, message: bytes) -> None: ...
+
+    def subscribe(self, channel: str) -> AsyncGenerator[bytes, None]:
+        """Messages published on ``channel`` from now on, until the iterator is closed. A
+        message published while the subscription was broken is lost: a subscriber re-reads
+        what it needs after a StoreError."""
+        ...
+
+    async def log_append(
+        self, key: str, mark: bytes, order: int, data: bytes, maxlen: int, ttl_ms: int
+    ) -> tuple[str, bytes] | None:
+        """Append ``data`` to the log at ``key`` unless its last entry has the same ``mark``
+        or a higher ``order`` (a stale observation). Returns the new entry's id (ids grow) and
+        the mark of the entry before it (empty for the first), or None when nothing was
+        appended. The log keeps about its last ``maxlen`` entries and lives ``ttl_ms`` after
+        the last append."""
+        ...
+
+    async def log_after(self, key: str, after: str, count: int) -> list[tuple[str, bytes]]:
+        """Up to ``count`` entries after the id ``after`` (all when empty), oldest first."""
+        ...
+
+    async def log_last(self, key: str) -> tuple[str, bytes] | None: ...
+
+    async def queue_add(self, queue: str, data: bytes) -> None: ...
+
+    async def queue_read(self, queue: str, consumer: str, count: int) -> list[tuple[str, bytes]]:
+        """Up to ``count`` entries no consumer has read yet, now read by ``consumer``."""
+        ...
+
+    async def queue_reclaim(
+        self, queue: str, consumer: str, idle_ms: int, count: int
+    ) -> list[tuple[str, bytes]]:
+        """Entries read at least ``idle_ms`` ago and never acknowledged (their reader died),
+        now read by ``consumer``."""
+        ...
+
+    async def queue_ack(self, queue: str, entry_ids: Sequence[str]) -> None:
+        """Done with these entries: they leave the queue."""
+        ...
+
+    async def queue_length(self, queue: str) -> int: ...
+
+    async def schedule(self, key: str, members: Mapping[str, float]) -> None:
+        """Add members to the sorted set at ``key`` (or move them) with these scores."""
+        ...
+
+    async def unschedule(self, key: str, members: Sequence[str]) -> None: ...
+
+    async def scheduled(self, key: str, count: int) -> list[tuple[str, float]]:
+        """The first ``count`` members by score, with their scores."""
+        ...
+
+    async def schedule_size(self, key: str) -> int: ...
+
+    async def release_due(self, key: str, queue: str, now: float, count: int) -> int:
+        """Move up to ``count`` members scored at most ``now`` from the sorted set at ``key``
+        onto ``queue``, atomically; how many moved."""
+        ...
 
 
 class KeySpace:
@@ -91,6 +241,42 @@ class KeySpace:
     def upstream_slots(self, upstream: str) -> str:
         return f"{self._prefix}:{{out:{upstream}}}:slots"
 
+    def lease(self, name: str) -> str:
+        return f"{self._prefix}:{{lease:{name}}}"
+
+    def channel(self, name: str) -> str:
+        return f"{self._prefix}:chan:{name}"
+
+    def task_events(self, task_id: str) -> str:
+        return f"{self._prefix}:{{{task_id}}}:events"
+
+    def task_hook(self, task_id: str) -> str:
+        return f"{self._prefix}:{{{task_id}}}:hook"
+
+    def push_submitting(self, upstream: str) -> str:
+        return f"{self._prefix}:{{push:{upstream}}}:submitting"
+
+    def webhooks(self, part: str) -> str:
+        """The webhook queue's keys share one hash tag: its scripts touch several at once."""
+        return f"{self._prefix}:{{webhooks}}:{part}"
+
+    def ledger_task(self, upstream: str, task_id: str) -> str:
+        return f"{self._prefix}:{{{task_id}}}:ledger:{upstream}"
+
+    def ledger_index(self, kind: str, name: str = "") -> str:
+        """A time index of the ledger: ``all``, or by ``client``, ``team`` or ``open`` upstream."""
+        return f"{self._prefix}:{{ledger:{kind}:{name}}}"
+
+    def usage_day(self, day: str) -> str:
+        return f"{self._prefix}:{{usage}}:{day}"
+
+    def quota(self, client: str, period: str) -> str:
+        """One client's counters share a slot, so one script reserves from all of them."""
+        return f"{self._prefix}:{{quota:{client}}}:{period}"
+
+    def dedup(self, client: str, digest: str) -> str:
+        return f"{self._prefix}:{{dedup:{client}}}:{digest}"
+
 
 class MemoryStore:
     """An in-process store bounded to ``max_keys`` entries, oldest write evicted first."""
@@ -100,6 +286,12 @@ class MemoryStore:
         self._max_keys = max_keys
         self._buckets: dict[str, MemoryBucket] = {}
         self._outbound: dict[str, MemoryOutbound] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._channels: dict[str, set[asyncio.Queue[bytes]]] = {}
+        self._logs: OrderedDict[str, MemoryLog] = OrderedDict()
+        self._queues: dict[str, MemoryQueue] = {}
+        self._schedules: dict[str, dict[str, float]] = {}
+        self._records = MemoryRecords()
 
     def _get(self, key: str) -> bytes | None:
         entry = self._data.get(key)
@@ -150,6 +342,59 @@ class MemoryStore:
         if caps is not None:
             caps.holders.pop(holder, None)
 
+    async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
+        if self._get(key) is not None:
+            return False
+        self._set(key, value, ttl_ms)
+        return True
+
+    async def set_many_if_absent(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        for key, value in items.items():
+            await self.set_if_absent(key, value, ttl_ms)
+
+    async def write_record(self, key: str, fields: Mapping[str, str], ttl_ms: int) -> None:
+        self._records.write(key, fields, ttl_ms / 1000, time.monotonic())
+
+    async def read_records(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        now = time.monotonic()
+        return [self._records.read(key, now) for key in keys]
+
+    async def advance_record(
+        self, key: str, fields: Mapping[str, str], final: bool
+    ) -> dict[str, str] | None:
+        return self._records.advance(key, fields, final, time.monotonic())
+
+    async def add_counts(self, key: str, counts: Mapping[str, int], ttl_ms: int) -> None:
+        self._records.add_counts(key, counts, ttl_ms / 1000, time.monotonic())
+
+    async def index_add(
+        self, entries: Sequence[tuple[str, str, float]], ttl_ms: int, keep_from: float
+    ) -> None:
+        now = time.monotonic()
+        for key, member, score in entries:
+            self._records.index_add(key, member, score, ttl_ms / 1000, keep_from, now)
+
+    async def index_remove(self, key: str, member: str) -> None:
+        self._records.index_remove(key, member, time.monotonic())
+
+    async def index_range(
+        self, key: str, high: float, low: float, limit: int
+    ) -> list[tuple[str, float]]:
+        return self._records.index_range(key, high, low, limit, time.monotonic())
+
+    async def index_count(self, keys: Sequence[str], low: float, high: float) -> list[int]:
+        now = time.monotonic()
+        return [self._records.index_count(key, low, high, now) for key in keys]
+
+    async def reserve(
+        self, keys: Sequence[str], limits: Sequence[int], ttls_ms: Sequence[int]
+    ) -> int:
+        ttls_s = [ttl / 1000 for ttl in ttls_ms]
+        return self._records.reserve(keys, limits, ttls_s, time.monotonic())
+
+    async def unreserve(self, keys: Sequence[str]) -> None:
+        self._records.unreserve(keys, time.monotonic())
+
     async def ping(self) -> None:
         return None
 
@@ -158,6 +403,108 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._data.clear()
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        now = time.monotonic()
+        current = self._leases.get(key)
+        if current is not None and current[0] != holder and current[1] > now:
+            return False
+        self._leases[key] = (holder, now + ttl_ms / 1000)
+        return True
+
+    async def release_lease(self, key: str, holder: str) -> None:
+        if self._leases.get(key, ("", 0.0))[0] == holder:
+            del self._leases[key]
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        for queue in self._channels.get(channel, ()):
+            queue.put_nowait(message)
+
+    async def subscribe(self, channel: str) -> AsyncGenerator[bytes, None]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._channels.setdefault(channel, set()).add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._channels[channel].discard(queue)
+
+    async def log_append(
+        self, key: str, mark: bytes, order: int, data: bytes, maxlen: int, ttl_ms: int
+    ) -> tuple[str, bytes] | None:
+        now = time.monotonic()
+        while self._logs and next(iter(self._logs.values())).expires_at <= now:
+            self._logs.popitem(last=False)
+        log = self._logs.get(key)
+        if log is None or log.expires_at <= now:
+            log = self._logs[key] = MemoryLog()
+        last = log.entries[-1] if log.entries else ("", b"", -1, b"")
+        if last[1] == mark or last[2] > order:
+            return None
+        entry_id = next_id(last[0])
+        log.entries.append((entry_id, mark, order, data))
+        del log.entries[:-maxlen]
+        log.expires_at = now + ttl_ms / 1000
+        self._logs.move_to_end(key)
+        return entry_id, last[1]
+
+    def _log(self, key: str) -> list[tuple[str, bytes, int, bytes]]:
+        log = self._logs.get(key)
+        return log.entries if log is not None and log.expires_at > time.monotonic() else []
+
+    async def log_after(self, key: str, after: str, count: int) -> list[tuple[str, bytes]]:
+        start = id_order(after) if after else (-1, -1)
+        later = [(i, data) for i, _, _, data in self._log(key) if id_order(i) > start]
+        return later[:count]
+
+    async def log_last(self, key: str) -> tuple[str, bytes] | None:
+        entries = self._log(key)
+        return (entries[-1][0], entries[-1][3]) if entries else None
+
+    def _queue(self, queue: str) -> MemoryQueue:
+        found = self._queues.get(queue)
+        if found is None:
+            found = self._queues[queue] = MemoryQueue()
+        return found
+
+    async def queue_add(self, queue: str, data: bytes) -> None:
+        self._queue(queue).add(data)
+
+    async def queue_read(self, queue: str, consumer: str, count: int) -> list[tuple[str, bytes]]:
+        return self._queue(queue).read(count, time.monotonic())
+
+    async def queue_reclaim(
+        self, queue: str, consumer: str, idle_ms: int, count: int
+    ) -> list[tuple[str, bytes]]:
+        return self._queue(queue).reclaim(idle_ms / 1000, count, time.monotonic())
+
+    async def queue_ack(self, queue: str, entry_ids: Sequence[str]) -> None:
+        self._queue(queue).ack(entry_ids)
+
+    async def queue_length(self, queue: str) -> int:
+        return len(self._queue(queue).entries)
+
+    async def schedule(self, key: str, members: Mapping[str, float]) -> None:
+        self._schedules.setdefault(key, {}).update(members)
+
+    async def unschedule(self, key: str, members: Sequence[str]) -> None:
+        scores = self._schedules.get(key, {})
+        for member in members:
+            scores.pop(member, None)
+
+    async def scheduled(self, key: str, count: int) -> list[tuple[str, float]]:
+        scores = self._schedules.get(key, {})
+        return sorted(scores.items(), key=lambda item: (item[1], item[0]))[:count]
+
+    async def schedule_size(self, key: str) -> int:
+        return len(self._schedules.get(key, {}))
+
+    async def release_due(self, key: str, queue: str, now: float, count: int) -> int:
+        due = [m for m, score in await self.scheduled(key, count) if score <= now]
+        await self.unschedule(key, due)
+        for member in due:
+            self._queue(queue).add(member.encode())
+        return len(due)
 
 
 class RedisStore:
@@ -171,32 +518,43 @@ class RedisStore:
         self._cluster = config.cluster
         self._redis = _client(config)
         self._failing_until = 0.0
+        self._errors = _ErrorLog()
         # Script objects run EVALSHA and load the script again after a SCRIPT FLUSH.
         self._take = self._redis.register_script(TAKE_LUA)
         self._outbound = self._redis.register_script(OUTBOUND_LUA)
+        self._lease = self._redis.register_script(LEASE_LUA)
+        self._unlease = self._redis.register_script(UNLEASE_LUA)
+        self._append = self._redis.register_script(APPEND_LUA)
+        self._release = self._redis.register_script(RELEASE_DUE_LUA)
+        self._groups: set[str] = set()
+        self._advance = self._redis.register_script(ADVANCE_LUA)
+        self._reserve = self._redis.register_script(RESERVE_LUA)
+        self._unreserve = self._redis.register_script(UNRESERVE_LUA)
 
     @contextlib.contextmanager
     def _guard(self, operation: str, probe: bool = False) -> Iterator[None]:
-        """Turn Redis failures into StoreError, counted by operation.
+        """Turn Redis failures into StoreError, counted and logged by operation.
 
-        After a timeout or a lost connection every call fails at once for a moment: a frozen
-        Redis would otherwise cost each request a full socket timeout per store call. A
-        ``probe`` (the readiness ping) always tries, and its success ends the moment.
+        After a timeout every call fails at once for a moment: a frozen Redis would otherwise
+        cost each request a full socket timeout per store call. A refused or broken connection
+        costs nothing to find out, so it never holds back the other calls: each connection
+        recovers on its own, and limits are exact again as soon as Redis answers. A ``probe``
+        (the readiness ping) always tries, and its success ends the moment.
         """
         if not probe and time.monotonic() < self._failing_until:
-            STORE_ERRORS.labels(operation).inc()
-            raise StoreError(f"redis {operation} skipped: the store failed a moment ago")
+            self._errors.note(operation, "skipped after a timeout")
+            raise StoreError(f"redis {operation} skipped: the store timed out a moment ago")
         try:
             yield
         except (RedisError, OSError) as exc:  # a bug elsewhere is not a store outage
-            STORE_ERRORS.labels(operation).inc()
-            if not isinstance(exc, RedisError) or isinstance(
-                exc, RedisTimeoutError | RedisConnectionError
-            ):
+            self._errors.note(operation, type(exc).__name__)
+            if isinstance(exc, RedisTimeoutError | TimeoutError):
                 self._failing_until = time.monotonic() + _FAIL_FAST_S
             raise StoreError(f"redis {operation} failed: {type(exc).__name__}") from exc
         if probe:
             self._failing_until = 0.0
+        if self._errors.unlogged:
+            self._errors.back()
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
@@ -247,6 +605,100 @@ class RedisStore:
         with self._guard("release_slot"):
             await self._redis.zrem(key, holder)
 
+    async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
+        with self._guard("set_if_absent"):
+            return bool(await self._redis.set(key, value, px=ttl_ms, nx=True))
+
+    async def set_many_if_absent(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        if not items:
+            return
+        with self._guard("set_many_if_absent"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(key, value, px=ttl_ms, nx=True)
+                await pipe.execute()
+
+    async def write_record(self, key: str, fields: Mapping[str, str], ttl_ms: int) -> None:
+        with self._guard("write_record"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(key, mapping=dict(fields))
+                pipe.pexpire(key, ttl_ms)
+                await pipe.execute()
+
+    async def read_records(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        if not keys:
+            return []
+        with self._guard("read_records"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                rows = await pipe.execute()
+        return [{k.decode(): v.decode() for k, v in row.items()} for row in rows]
+
+    async def advance_record(
+        self, key: str, fields: Mapping[str, str], final: bool
+    ) -> dict[str, str] | None:
+        args = ["1" if final else "0", *(item for pair in fields.items() for item in pair)]
+        with self._guard("advance_record"):
+            flat = await self._advance(keys=[key], args=args)
+        if not flat:
+            return None
+        values = [v.decode() for v in flat]
+        return dict(zip(values[::2], values[1::2], strict=True))
+
+    async def add_counts(self, key: str, counts: Mapping[str, int], ttl_ms: int) -> None:
+        with self._guard("add_counts"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for field, amount in counts.items():
+                    pipe.hincrby(key, field, amount)
+                pipe.pexpire(key, ttl_ms)
+                await pipe.execute()
+
+    async def index_add(
+        self, entries: Sequence[tuple[str, str, float]], ttl_ms: int, keep_from: float
+    ) -> None:
+        with self._guard("index_add"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, member, score in entries:
+                    pipe.zadd(key, {member: score})
+                for key in dict.fromkeys(key for key, _, _ in entries):
+                    pipe.zremrangebyscore(key, "-inf", f"({keep_from}")
+                    pipe.pexpire(key, ttl_ms)
+                await pipe.execute()
+
+    async def index_remove(self, key: str, member: str) -> None:
+        with self._guard("index_remove"):
+            await self._redis.zrem(key, member)
+
+    async def index_range(
+        self, key: str, high: float, low: float, limit: int
+    ) -> list[tuple[str, float]]:
+        with self._guard("index_range"):
+            rows = await self._redis.zrevrangebyscore(
+                key, high, low, start=0, num=limit, withscores=True
+            )
+        return [(member.decode(), float(score)) for member, score in rows]
+
+    async def index_count(self, keys: Sequence[str], low: float, high: float) -> list[int]:
+        if not keys:
+            return []
+        with self._guard("index_count"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zcount(key, low, high)
+                return [int(n) for n in await pipe.execute()]
+
+    async def reserve(
+        self, keys: Sequence[str], limits: Sequence[int], ttls_ms: Sequence[int]
+    ) -> int:
+        args = [item for pair in zip(limits, ttls_ms, strict=True) for item in pair]
+        with self._guard("reserve"):
+            return int(await self._reserve(keys=list(keys), args=args))
+
+    async def unreserve(self, keys: Sequence[str]) -> None:
+        with self._guard("unreserve"):
+            await self._unreserve(keys=list(keys))
+
     async def ping(self) -> None:
         with self._guard("ping", probe=True):
             await self._redis.ping()
@@ -262,10 +714,150 @@ class RedisStore:
     async def close(self) -> None:
         await self._redis.aclose()
 
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        with self._guard("lease"):
+            return bool(await self._lease(keys=[key], args=[holder, ttl_ms]))
+
+    async def release_lease(self, key: str, holder: str) -> None:
+        with self._guard("lease"):
+            await self._unlease(keys=[key], args=[holder])
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        with self._guard("publish"):
+            await self._redis.publish(channel, message)
+
+    async def subscribe(self, channel: str) -> AsyncGenerator[bytes, None]:
+        # A connection of its own for as long as the subscription lasts; reads wait up to a
+        # second instead of the socket timeout, since silence is normal here.
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            with self._guard("subscribe", probe=True):
+                await pubsub.subscribe(channel)
+            while True:
+                with self._guard("subscribe", probe=True):
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None and message["type"] == "message":
+                    yield _as_bytes(message["data"]) or b""
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    async def log_append(
+        self, key: str, mark: bytes, order: int, data: bytes, maxlen: int, ttl_ms: int
+    ) -> tuple[str, bytes] | None:
+        with self._guard("log_append"):
+            args = [mark, order, data, maxlen, ttl_ms]
+            appended = await self._append(keys=[key], args=args)
+        return (_text(appended[0]), appended[1]) if appended else None
+
+    async def log_after(self, key: str, after: str, count: int) -> list[tuple[str, bytes]]:
+        with self._guard("log_read"):
+            entries = await self._redis.xrange(key, f"({after}" if after else "-", "+", count)
+        return _entries(entries)
+
+    async def log_last(self, key: str) -> tuple[str, bytes] | None:
+        with self._guard("log_read"):
+            entries = _entries(await self._redis.xrevrange(key, "+", "-", 1))
+        return entries[0] if entries else None
+
+    async def queue_add(self, queue: str, data: bytes) -> None:
+        with self._guard("queue"):
+            await self._redis.xadd(queue, {"d": data})
+
+    async def _ensure_group(self, queue: str) -> None:
+        if queue in self._groups:
+            return
+        try:
+            await self._redis.xgroup_create(queue, QUEUE_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(queue)
+
+    async def queue_read(self, queue: str, consumer: str, count: int) -> list[tuple[str, bytes]]:
+        with self._guard("queue"):
+            await self._ensure_group(queue)
+            try:
+                found = await self._redis.xreadgroup(QUEUE_GROUP, consumer, {queue: ">"}, count)
+            except ResponseError as exc:
+                self._groups.discard(queue)  # NOGROUP: the store lost it (a restart, a flush)
+                raise StoreError(f"redis queue read failed: {exc}") from exc
+        return _entries(found[0][1]) if found else []
+
+    async def queue_reclaim(
+        self, queue: str, consumer: str, idle_ms: int, count: int
+    ) -> list[tuple[str, bytes]]:
+        with self._guard("queue"):
+            await self._ensure_group(queue)
+            claimed = await self._redis.xautoclaim(
+                queue, QUEUE_GROUP, consumer, idle_ms, "0-0", count
+            )
+        return _entries(claimed[1])
+
+    async def queue_ack(self, queue: str, entry_ids: Sequence[str]) -> None:
+        if not entry_ids:
+            return
+        with self._guard("queue"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(queue, QUEUE_GROUP, *entry_ids)
+                pipe.xdel(queue, *entry_ids)
+                await pipe.execute()
+
+    async def queue_length(self, queue: str) -> int:
+        with self._guard("queue"):
+            return int(await self._redis.xlen(queue))
+
+    async def schedule(self, key: str, members: Mapping[str, float]) -> None:
+        if members:
+            with self._guard("schedule"):
+                await self._redis.zadd(key, dict(members))
+
+    async def unschedule(self, key: str, members: Sequence[str]) -> None:
+        if members:
+            with self._guard("schedule"):
+                await self._redis.zrem(key, *members)
+
+    async def scheduled(self, key: str, count: int) -> list[tuple[str, float]]:
+        with self._guard("schedule"):
+            found = await self._redis.zrange(key, 0, count - 1, withscores=True)
+        return [(_text(member), float(score)) for member, score in found]
+
+    async def schedule_size(self, key: str) -> int:
+        with self._guard("schedule"):
+            return int(await self._redis.zcard(key))
+
+    async def release_due(self, key: str, queue: str, now: float, count: int) -> int:
+        with self._guard("schedule"):
+            return int(await self._release(keys=[key, queue], args=[now, count]))
+
+
+class _ErrorLog:
+    """Every store error counted in ``mjgate_store_errors`` and logged, without a line per
+    error: an outage under load fails thousands of calls a second."""
+
+    def __init__(self) -> None:
+        self.unlogged: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def note(self, operation: str, error: str) -> None:
+        STORE_ERRORS.labels(operation).inc()
+        self.unlogged[operation] = self.unlogged.get(operation, 0) + 1
+        now = time.monotonic()
+        if now - self._logged_at.get(operation, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            self._logged_at[operation] = now
+            count = self.unlogged.pop(operation)
+            log.warning("store_error", operation=operation, error=error, errors=count)
+
+    def back(self) -> None:
+        """The store answered: account for the errors no line has told of yet."""
+        unlogged, self.unlogged = self.unlogged, {}
+        log.info("store_back", unlogged_errors=unlogged)
+
 
 def _client(config: RedisConfig) -> Any:
     """A redis-py asyncio client for a single server, a Sentinel-watched master or a
-    Cluster: short timeouts, no retries, bounded connections."""
+    Cluster: short timeouts, bounded connections, and no retry but the one on a new
+    connection when a pooled one turns out closed."""
     url = config.url.reveal()
     timeouts = {
         "socket_timeout": config.socket_timeout_s,
@@ -278,21 +870,35 @@ def _client(config: RedisConfig) -> Any:
             list(config.sentinels), sentinel_kwargs=timeouts, **timeouts
         )
         return sentinel.master_for(
-            config.service_name, password=parts.password, db=db, retry=Retry(NoBackoff(), 0)
+            config.service_name, password=parts.password, db=db, retry=_RETRY
         )
     if config.cluster:
         return RedisCluster.from_url(
-            url, max_connections=config.max_connections, retry=Retry(NoBackoff(), 0), **timeouts
+            url, max_connections=config.max_connections, retry=_RETRY, **timeouts
         )
     pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=config.max_connections, timeout=config.pool_timeout_s, **timeouts
+        url,
+        max_connections=config.max_connections,
+        timeout=config.pool_timeout_s,
+        retry=_RETRY,
+        **timeouts,
     )
-    return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    return redis.Redis(connection_pool=pool, retry=_RETRY)
 
 
 def _as_bytes(value: bytes | str | None) -> bytes | None:
     # The client never decodes responses; this only narrows redis-py's union type.
     return value.encode() if isinstance(value, str) else value
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(raw: Any) -> list[tuple[str, bytes]]:
+    """Stream entries ``[(id, {field: value})]`` as ``(id, the "d" field)``; entries deleted
+    while pending come back without fields and are skipped."""
+    return [(_text(i), fields[b"d"]) for i, fields in raw if fields and b"d" in fields]
 
 
 def open_store(config: RedisConfig) -> Store:

@@ -1,16 +1,26 @@
-"""Upstream providers: one HTTP client each, key injection, and picking one for a submit."""
+"""Upstream providers: one HTTP client each, key injection, and picking one for a submit.
+
+An upstream is a stranger. Whatever it sends back (a broken status line, endless headers, a
+body that never ends or inflates to gigabytes, its own key quoted in an error) ends as that
+upstream's failure or as scrubbed bytes, never as an error of the gateway's own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
+import zlib
 from collections.abc import Coroutine, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import aiohttp
 import httpx
+import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from gateway.circuit import CircuitBreaker
@@ -21,6 +31,7 @@ from gateway.metrics import UPSTREAM_DURATION, UPSTREAM_REQUESTS
 from gateway.outbound import OutboundCaps
 
 __all__ = [
+    "KEY_MASK",
     "Upstream",
     "UpstreamPool",
     "UpstreamResponse",
@@ -37,6 +48,13 @@ FANOUT_GRACE_S = 0.25
 # Caller headers worth passing on. Everything else is dropped, the caller's own credentials
 # and hop-by-hop headers included: an allow-list cannot leak a header nobody thought of.
 FORWARDED_HEADERS = frozenset({"accept-language", "user-agent"})
+# POST routes that only read: sending one twice buys nothing twice.
+READ_ROUTES = frozenset({"list_by_ids", "query"})
+# What an upstream key is replaced with wherever an answer quotes it.
+KEY_MASK = b"***"
+_KEEPALIVE_S = 30.0
+# How a transport can fail; anything else raised while talking to an upstream is a bug.
+_FAILURES = (httpx.HTTPError, aiohttp.ClientError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,40 +68,87 @@ class UpstreamResponse:
     elapsed_s: float
 
 
+class _Broken(Exception):
+    """An answer that arrived but breaks the protocol or the gateway's bounds."""
+
+
+class _Progress:
+    """Whether a request on a fresh connection got as far as a connection, from aiohttp's
+    trace signals: before that, nothing can have reached the upstream."""
+
+    __slots__ = ("connected",)
+
+    def __init__(self) -> None:
+        self.connected = False
+
+
+_PROGRESS: ContextVar[_Progress | None] = ContextVar("mjgate_upstream_progress", default=None)
+
+
+async def _on_connected(session: aiohttp.ClientSession, context: SimpleNamespace, _: Any) -> None:
+    progress = _PROGRESS.get()
+    if progress is not None:
+        progress.connected = True
+
+
 class Upstream:
-    """One provider. Holds its key and adds it to every request in the provider's style."""
+    """One provider. Holds its key and adds it to every request in the provider's style.
+
+    Reads share pooled keep-alive connections. A request that creates work goes out on a
+    connection of its own: on a pooled connection the upstream has just closed, a request
+    fails without telling whether it arrived, and "maybe sent" forbids trying another
+    upstream; a fresh connection tells exactly whether anything could have left.
+    """
 
     def __init__(
         self,
         config: UpstreamConfig,
         caps: OutboundCaps,
         breaker: CircuitBreaker,
+        secrets: Iterable[str] = (),
     ) -> None:
+        """``secrets``: other upstreams' keys, scrubbed from answers like this one's own."""
         self.config = config
         self.name = config.name
         self.caps = caps
         self.breaker = breaker
-        limits = httpx.Limits(
-            max_connections=config.max_concurrency,
-            max_keepalive_connections=config.max_concurrency,
-            keepalive_expiry=30.0,
-        )
         key = config.key.reveal()
         self._auth_header = (
             ("authorization", f"Bearer {key}")
             if config.auth == "bearer"
             else ("mj-api-secret", key)
         )
-        self._client = httpx.AsyncClient(
-            base_url=config.base_url,
-            transport=AiohttpTransport(limits=limits, trust_env=False),
-            timeout=httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 5.0)),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        forms = {form for k in (key, *secrets) if k for form in _spellings(k)}
+        # Longest first, so that a key containing another is masked whole.
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))
+        tls = httpx.create_ssl_context(trust_env=False)
+        self._pooled = self._client(tls, fresh=False)
+        self._fresh = self._client(tls, fresh=True)
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name}>"
+
+    def _client(self, tls: ssl.SSLContext, fresh: bool) -> httpx.AsyncClient:
+        limit = self.config.max_concurrency
+
+        def session() -> aiohttp.ClientSession:
+            # Made on first use, inside the event loop, as aiohttp wants.
+            if not fresh:
+                pooled = aiohttp.TCPConnector(limit=limit, ssl=tls, keepalive_timeout=_KEEPALIVE_S)
+                return aiohttp.ClientSession(connector=pooled)
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_create_end.append(_on_connected)
+            single = aiohttp.TCPConnector(limit=limit, ssl=tls, force_close=True)
+            return aiohttp.ClientSession(connector=single, trace_configs=[trace])
+
+        timeout_s = self.config.timeout_s
+        return httpx.AsyncClient(
+            base_url=self.config.base_url,
+            transport=AiohttpTransport(client=session),
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            follow_redirects=False,
+            trust_env=False,
+        )
 
     async def request(
         self,
@@ -96,22 +161,31 @@ class Upstream:
         caller_headers: Iterable[tuple[str, str]] = (),
         timeout_s: float | None = None,
     ) -> UpstreamResponse:
-        """Send one request; raise UpstreamError when no HTTP answer came back.
+        """Send one request; raise UpstreamError when no usable HTTP answer came back.
 
-        The circuit breaker and the outbound caps come first; a request they hold back
-        fails fast as not sent.
+        ``timeout_s`` bounds the whole call from now, the wait for the outbound caps
+        included (a fan-out's deadline); the upstream's own ``timeout_s`` bounds the
+        exchange. The circuit breaker and the outbound caps come first; a request they hold
+        back fails fast as not sent.
         """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         headers = [(k, v) for k, v in caller_headers if k in FORWARDED_HEADERS]
-        headers += [("accept", "application/json"), ("x-request-id", request_id), self._auth_header]
+        headers += [
+            ("accept", "application/json"),
+            ("accept-encoding", "gzip, deflate"),
+            ("x-request-id", request_id),
+            self._auth_header,
+        ]
         if body is not None:
             headers.append(("content-type", "application/json"))
+        reads = method in ("GET", "HEAD") or route in READ_ROUTES
         try:
-            response = await self._guarded(method, path, headers, body, timeout_s)
+            response = await self._guarded(method, path, headers, body, deadline, reads)
         except UpstreamError as exc:
             UPSTREAM_REQUESTS.labels(self.name, route, exc.kind).inc()
             raise
-        outcome = "ok" if response.status < 500 and response.status != 429 else "http_error"
-        UPSTREAM_REQUESTS.labels(self.name, route, outcome).inc()
+        failed = _is_failure(response.status) or response.status == 429
+        UPSTREAM_REQUESTS.labels(self.name, route, "http_error" if failed else "ok").inc()
         UPSTREAM_DURATION.labels(self.name, route).observe(response.elapsed_s)
         return response
 
@@ -121,27 +195,28 @@ class Upstream:
         path: str,
         headers: list[tuple[str, str]],
         body: bytes | None,
-        timeout_s: float | None,
+        deadline: float | None,
+        reads: bool,
     ) -> UpstreamResponse:
         """``_send`` behind the circuit breaker and the outbound caps."""
         if not self.breaker.allow():
             detail = "circuit open after repeated failures; not called until it recovers"
             raise UpstreamError(self.name, "open", False, detail)
         try:
-            holder = await self.caps.acquire()
+            holder = await self.caps.acquire(deadline)
         except Saturated:
             self.breaker.release_probe()
             detail = (
                 f"saturated: more than {self.config.max_rps:g} requests/s or "
-                f"{self.config.max_concurrency} in flight for {self.config.queue_timeout_s:g} s"
+                f"{self.config.max_concurrency} in flight for as long as the request could wait"
             )
             raise UpstreamError(self.name, "saturated", False, detail) from None
         try:
-            response = await self._send(method, path, headers, body, timeout_s)
+            response = await self._send(method, path, headers, body, deadline, reads)
         finally:
             self.breaker.release_probe()
             await self.caps.release(holder)
-        if response.status >= 500:
+        if _is_failure(response.status):
             self.breaker.failure()
         else:
             self.breaker.success()
@@ -153,27 +228,138 @@ class Upstream:
         path: str,
         headers: list[tuple[str, str]],
         body: bytes | None,
-        timeout_s: float | None,
+        deadline: float | None,
+        reads: bool,
     ) -> UpstreamResponse:
         started = time.perf_counter()
+        own_deadline = time.monotonic() + self.config.timeout_s
+        deadline = own_deadline if deadline is None else min(deadline, own_deadline)
+        progress = None if reads else _Progress()
+        token = _PROGRESS.set(progress)
+        # A pooled connection the upstream closed meanwhile fails at once; aiohttp sends
+        # GETs again by itself, read POSTs are sent again here.
+        retry = reads and method not in ("GET", "HEAD")
         try:
-            limit = min(timeout_s, self.config.timeout_s) if timeout_s else self.config.timeout_s
-            async with asyncio.timeout(limit):
-                response = await self._client.request(method, path, content=body, headers=headers)
-        except (httpx.HTTPError, TimeoutError) as exc:
-            kind, sent = _classify(exc)
-            self.breaker.failure()
-            raise UpstreamError(self.name, kind, sent, _describe(kind, sent)) from None
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        status, content, content_type = await self._exchange(
+                            self._pooled if reads else self._fresh, method, path, headers, body
+                        )
+                    break
+                except _Broken as exc:
+                    self.breaker.failure()
+                    raise UpstreamError(self.name, "broken", True, str(exc)) from None
+                except _FAILURES as exc:
+                    if retry and _stale_connection(exc):
+                        retry = False
+                        continue
+                    kind, sent = _classify(exc)
+                    if progress is not None:
+                        sent = progress.connected
+                    self.breaker.failure()
+                    raise UpstreamError(self.name, kind, sent, _describe(exc, kind, sent)) from None
+        finally:
+            _PROGRESS.reset(token)
         return UpstreamResponse(
             upstream=self.name,
-            status=response.status_code,
-            content=response.content,
-            content_type=response.headers.get("content-type", "application/json"),
+            status=status,
+            content=content,
+            content_type=content_type,
             elapsed_s=time.perf_counter() - started,
         )
 
+    async def _exchange(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+    ) -> tuple[int, bytes, str]:
+        """Status, scrubbed body and content type of one HTTP exchange."""
+        request = client.build_request(method, path, content=body, headers=headers)
+        response = await client.send(request, stream=True)
+        try:
+            status = response.status_code
+            if not 200 <= status <= 599:
+                raise _Broken(f"answered an invalid HTTP status ({status})")
+            content = await self._read(response)
+            content_type = response.headers.get("content-type", "application/json")
+        finally:
+            # Closes the connection instead of pooling it when the body was left unread.
+            await response.aclose()
+        return status, self._scrub(content), self._scrub(content_type.encode()).decode()
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        """The body, decompressed as it streams in; reading stops past the size cap, so an
+        endless or inflating answer costs at most the cap in memory."""
+        cap = self.config.max_response_bytes
+        inflater = _Inflater(response.headers.get("content-encoding", ""))
+        body = bytearray()
+        async for chunk in response.aiter_raw():
+            body += inflater.feed(chunk, cap - len(body))
+            if len(body) > cap:
+                raise _Broken(f"answer larger than {cap} bytes")
+        return bytes(body)
+
+    def _scrub(self, data: bytes) -> bytes:
+        """Upstream bytes with every upstream key masked: one ``in`` per key, keys are few."""
+        for secret in self._secrets:
+            if secret in data:
+                data = data.replace(secret, KEY_MASK)
+        return data
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await asyncio.gather(self._pooled.aclose(), self._fresh.aclose())
+
+
+class _Inflater:
+    """Undoes an answer's content-encoding without ever producing more than allowed."""
+
+    def __init__(self, encoding: str) -> None:
+        coding = encoding.strip().lower()
+        if coding in ("", "identity"):
+            self._zlib = None
+        elif coding in ("gzip", "x-gzip", "deflate"):
+            self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib framing
+        else:
+            raise _Broken("answered in a content-encoding it was not offered")
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """At most ``room + 1`` bytes: one past the room tells the answer is too large."""
+        if self._zlib is None:
+            return data
+        try:
+            return self._zlib.decompress(data, room + 1)
+        except zlib.error:
+            raise _Broken("answered a body that does not decompress") from None
+
+
+def _spellings(key: str) -> set[bytes]:
+    """A key as an answer could quote it: as is, and escaped inside a JSON string."""
+    quoted = orjson.dumps(key)[1:-1]
+    return {key.encode(), quoted, quoted.replace(b"/", b"\\/")}
+
+
+def _is_failure(status: int) -> bool:
+    """An HTTP answer that counts against the upstream's circuit: it failed, or it refused
+    the gateway's own key (a revoked key fails every request until someone acts)."""
+    return status >= 500 or status in (401, 403)
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """The aiohttp error behind an exception (httpx-aiohttp wraps some, not all)."""
+    return exc.__cause__ if isinstance(exc, httpx.HTTPError) else exc
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """The connection broke before any answer, and not while connecting: a pooled
+    connection the upstream had closed."""
+    cause = _cause(exc)
+    return isinstance(
+        cause, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+    ) and not isinstance(cause, aiohttp.ClientConnectorError)
 
 
 def _classify(exc: BaseException) -> tuple[FailureKind, bool]:
@@ -182,9 +368,9 @@ def _classify(exc: BaseException) -> tuple[FailureKind, bool]:
     The aiohttp transport maps several aiohttp errors onto one httpx class (a server that
     hung up after reading the request becomes ``ConnectTimeout``), so judge by the cause.
     """
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
         return "timeout", True
-    cause = exc.__cause__
+    cause = _cause(exc)
     if isinstance(cause, aiohttp.ClientConnectorError):
         return "connect", False
     if isinstance(cause, aiohttp.ConnectionTimeoutError):
@@ -201,11 +387,13 @@ def _classify(exc: BaseException) -> tuple[FailureKind, bool]:
     return "broken", True
 
 
-def _describe(kind: FailureKind, sent: bool) -> str:
+def _describe(exc: BaseException, kind: FailureKind, sent: bool) -> str:
     if kind == "connect":
         return "connection refused or unreachable"
     if kind == "timeout":
         return "timed out after the request was sent" if sent else "timed out connecting"
+    if isinstance(_cause(exc), aiohttp.ClientResponseError):
+        return "answered broken HTTP (status line, headers or framing)"
     return "connection broke before a complete answer"
 
 

@@ -1,5 +1,6 @@
-"""The gunicorn worker: ``uvicorn_worker.UvicornWorker`` with uvloop, httptools, no uvicorn
-access log (the gateway writes one line per request itself), and a shutdown that drains.
+"""The gunicorn worker: ``uvicorn_worker.UvicornWorker`` with uvloop, httptools with the
+header bounds of the config the master checked (``gateway.http11``), no uvicorn access log
+(the gateway writes one line per request itself), and a shutdown that drains.
 
 uvicorn's shutdown closes the listeners and at once closes every connection that has no
 request in progress, including one accepted a moment ago whose request bytes have not been
@@ -19,6 +20,9 @@ from typing import Any, ClassVar
 from gunicorn.arbiter import Arbiter  # type: ignore[import-untyped]
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
+
+from gateway.http11 import bounded_http
+from gateway.master import running_config
 
 __all__ = ["DRAIN_S", "DrainingServer", "MjgateWorker"]
 
@@ -41,6 +45,10 @@ class MjgateWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn-worker ships
         "http": "httptools",
         "access_log": False,
     }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.http = bounded_http(running_config().server)
 
     async def _serve(self) -> None:
         # UvicornWorker._serve with DrainingServer in place of uvicorn's Server.

@@ -222,8 +222,8 @@ def make_config(sims: list[SimProcess], redis_url: str = "", **sections: Any) ->
 class GatewayThread:
     """The real ASGI app under a real uvicorn server, in a thread, on a free port."""
 
-    def __init__(self, config: Config) -> None:
-        self.port = free_port()
+    def __init__(self, config: Config, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(
                 create_app(config),
@@ -253,8 +253,8 @@ class GatewayThread:
 
 
 @contextmanager
-def running_gateway(config: Config) -> Iterator[GatewayThread]:
-    gateway = GatewayThread(config)
+def running_gateway(config: Config, port: int | None = None) -> Iterator[GatewayThread]:
+    gateway = GatewayThread(config, port)
     gateway.start()
     try:
         yield gateway

@@ -13,6 +13,7 @@ import pytest
 from gateway.auth import ANONYMOUS, ClientRegistry, extract_key
 from gateway.config import Config, hash_key
 from gateway.configfile import config_from_dict
+from gateway.errors import GatewayError
 from tests.support import (
     CALLER_KEYS,
     GatewayThread,
@@ -87,6 +88,27 @@ def test_empty_mj_api_secret_is_no_key() -> None:
 
 def test_a_raw_key_that_contains_a_space_is_kept_whole() -> None:
     assert extract_key(headers(("Authorization", "team key 42"))) == "team key 42"
+
+
+TWICE = [
+    ("mj-api-secret", (KEY, OTHER)),
+    ("mj-api-secret", (KEY, KEY)),
+    ("Authorization", (f"Bearer {KEY}", f"Bearer {OTHER}")),
+    ("Authorization", ("midjourney-proxy", f"Bearer {KEY}")),
+    ("Authorization", (KEY, "")),
+]
+
+
+@pytest.mark.parametrize(("name", "values"), TWICE)
+def test_a_credential_header_given_twice_is_refused_not_guessed(
+    name: str, values: tuple[str, str]
+) -> None:
+    """Which of two keys would count is a guess (the last one won): 400, whatever they are."""
+    with pytest.raises(GatewayError) as refused:
+        extract_key(headers(*((name, value) for value in values), ("x-other", "1")))
+    assert refused.value.status == 400
+    assert f"{name} header is given twice" in refused.value.description
+    assert KEY not in refused.value.description and OTHER not in refused.value.description
 
 
 # --- ClientRegistry ---------------------------------------------------------------------------
@@ -212,9 +234,10 @@ def fetch(
 def submit(
     http: httpx.Client, gateway: GatewayThread, request_headers: dict[str, str]
 ) -> httpx.Response:
+    # A prompt of its own: the same submit again would be answered as a duplicate.
     return http.post(
         f"{gateway.url}/mj/submit/imagine",
-        json={"prompt": "a lighthouse at dawn"},
+        json={"prompt": f"a lighthouse at dawn {uuid.uuid4().hex[:8]}"},
         headers=request_headers,
     )
 
@@ -298,6 +321,36 @@ def test_missing_key_is_refused_with_json(
         assert "missing" in body["description"]
         assert_401_json(submit(http, gateway, request_headers))
     assert upstream_total(http, session_sims) == before
+
+
+@pytest.mark.parametrize(("name", "values"), TWICE)
+def test_ambiguous_credentials_get_400_json_and_reach_no_upstream(
+    http: httpx.Client,
+    gateway: GatewayThread,
+    session_sims: list[SimProcess],
+    name: str,
+    values: tuple[str, str],
+) -> None:
+    task_id = seeded_id(http, session_sims[0])
+    good = CALLER_KEYS["alice"]
+    pairs = [(name, value.replace(KEY, good)) for value in values]
+    before = upstream_total(http, session_sims)
+    answers = [
+        http.get(f"{gateway.url}/mj/task/{task_id}/fetch", headers=pairs),
+        http.post(f"{gateway.url}/mj/submit/imagine", json={"prompt": "x"}, headers=pairs),
+    ]
+    for answer in answers:
+        assert answer.status_code == 400
+        body = answer.json()
+        assert body["description"] == f"the {name} header is given twice: send one key, once"
+        assert body["result"] is None
+        assert body["request_id"] == answer.headers["x-request-id"]
+        assert good not in answer.text
+    assert upstream_total(http, session_sims) == before
+    # One of each is no ambiguity: Authorization wins, as documented.
+    one_each = [("Authorization", f"Bearer {good}"), ("mj-api-secret", "not-a-caller-key")]
+    answer = http.get(f"{gateway.url}/mj/task/{task_id}/fetch", headers=one_each)
+    assert answer.status_code == 200
 
 
 @pytest.mark.parametrize(

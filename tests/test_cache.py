@@ -8,6 +8,7 @@ import asyncio
 import random
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from gateway.cache import TaskCache, image_expiry, terminal_ttl_s
 from gateway.config import CacheConfig, Config
 from gateway.errors import StoreError
 from gateway.owners import OwnerMap
-from gateway.store import KeySpace, MemoryStore
+from gateway.store import KeySpace, MemoryStore, Store
 from tests.support import (
     GatewayThread,
     RedisProcess,
@@ -191,6 +192,19 @@ async def test_a_body_larger_than_l1_is_kept_in_the_store_only() -> None:
     assert cache.local("java", "big") is None
 
 
+async def test_a_body_above_max_value_bytes_is_kept_in_neither_tier(store: Store) -> None:
+    size = len(finished("fits", pad=1000)[2])
+    cache = task_cache(store, max_value_bytes=size)
+    cache.keys = KeySpace(f"unit-{uuid.uuid4().hex[:8]}")
+    await cache.put_tasks([finished("fits", pad=1000), finished("huge", pad=1001)])
+    assert cache.local("java", "fits") is not None
+    assert cache.local("java", "huge") is None
+    views = await cache.read(["fits", "huge"], ["java"])
+    assert views["fits"].task is not None
+    assert views["huge"].task is None
+    assert await store.mget([cache.keys.task("java", "huge")]) == [None]
+
+
 async def test_l1_max_entries_zero_turns_l1_off() -> None:
     cache = task_cache(l1_max_entries=0)
     await cache.put_tasks([finished("t0")])
@@ -275,6 +289,23 @@ async def test_store_failures_are_cache_misses_not_errors() -> None:
 
 
 # -- a terminal task is fetched once ------------------------------------------------------------
+
+
+def test_a_task_too_large_to_cache_is_served_from_upstream_every_time(
+    sims: list[SimProcess], redis_server: RedisProcess, redis_client: redis.Redis
+) -> None:
+    java = sims[0]
+    task_id = new_id()
+    java.seed(id=task_id, status="SUCCESS", prompt="x" * 200_000)
+    config = gateway_config(sims, redis_server.url, cache={"max_value_bytes": 100_000})
+    with running_gateway(config) as gateway, client_for(gateway) as c:
+        for _ in range(3):
+            answer = fetch(c, task_id)
+            assert answer.status_code == 200
+            assert len(answer.json()["prompt"]) == 200_000
+            assert cache_of(answer) == ("MISS", "upstream")
+    assert java.count(FETCH) == 3
+    assert redis_client.exists(task_key(config, "java", task_id)) == 0
 
 
 def test_terminal_task_is_fetched_from_upstream_once_then_from_l1(

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 
 from gateway.circuit import CircuitBreaker, CircuitState
 from tests.gunicorn_support import metric
+from tests.sims_extra import config_for, dead_upstream
 from tests.support import SimProcess, caller, make_config, running_gateway
 
 # -- the state machine on a fake clock -----------------------------------------------------
@@ -147,6 +148,57 @@ def test_without_a_clock_argument_it_runs_on_the_monotonic_clock() -> None:
     assert not breaker.allow()
     time.sleep(0.06)
     assert breaker.allow()
+
+
+class Timers:
+    """A fake ``loop.call_later`` on the fake clock: keeps what is due when."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.due: list[tuple[float, Callable[[], None]]] = []
+
+    def __call__(self, delay: float, callback: Callable[[], None]) -> None:
+        self.due.append((self.clock.now + delay, callback))
+
+    def run_until(self, now: float) -> None:
+        """Advance the clock to ``now``, running each callback due by then at its time."""
+        while ready := sorted((t, i) for i, (t, _) in enumerate(self.due) if t <= now):
+            at, index = ready[0]
+            self.clock.now = at
+            self.due.pop(index)[1]()
+        self.clock.now = now
+
+
+def test_an_open_circuit_turns_half_open_when_its_cooldown_ends_without_any_request(
+    clock: Clock, changes: list[tuple[CircuitState, CircuitState]]
+) -> None:
+    timers = Timers(clock)
+    breaker = CircuitBreaker(3, 10.0, lambda a, b: changes.append((a, b)), clock, timers)
+    fail(breaker, 3)
+    timers.run_until(1009.9)
+    assert state(breaker) == "open"
+    timers.run_until(1010.0)
+    assert state(breaker) == "half_open"
+    assert changes == [("closed", "open"), ("open", "half_open")]
+    assert breaker.allow()  # the probe may go out
+    breaker.failure()
+    assert state(breaker) == "open"
+    timers.run_until(1020.0)
+    assert state(breaker) == "half_open"
+
+
+def test_a_wake_up_before_the_cooldown_ends_sleeps_again(clock: Clock) -> None:
+    timers = Timers(clock)
+    breaker = CircuitBreaker(1, 10.0, clock=clock, schedule=timers)
+    breaker.failure()
+    ((_, wake),) = timers.due
+    timers.due.clear()
+    clock.now += 9.9999  # a timer firing a hair early (its resolution)
+    wake()
+    assert state(breaker) == "open"
+    assert [round(at - clock.now, 6) for at, _ in timers.due] == [0.0001]
+    timers.run_until(clock.now + 0.0001)
+    assert state(breaker) == "half_open"
 
 
 # -- through the app -----------------------------------------------------------------------
@@ -310,6 +362,29 @@ def test_circuit_opens_on_a_dead_upstream_fails_fast_and_closes_after_it_returns
             assert [t["id"] for t in listed.json()] == [task_id]
     finally:
         flaky.stop()
+
+
+def test_the_state_metric_and_readyz_turn_half_open_on_time_on_a_quiet_gateway(
+    sims: list[SimProcess],
+) -> None:
+    """Nothing asks for the dead upstream after its circuit opened: the circuit must still
+    turn half-open when the cool-down ends, or the open-circuit alert keeps firing."""
+    java = sims[0]
+    config = config_for(
+        [java.upstream_config(), dead_upstream("dead")],
+        circuit={"failure_threshold": 1, "cooldown_s": 1.0},
+    )
+    with running_gateway(config) as gateway, httpx.Client(timeout=10) as http:
+        response = http.get(
+            f"{gateway.url}/mj/task/{uuid.uuid4().hex[:16]}/fetch", headers=caller()
+        )
+        assert response.status_code == 502, response.text
+        opened_at = time.monotonic()
+        assert circuit_metric(gateway.url, "dead") == 2
+        assert circuits(http, gateway.url)["dead"] == "open"
+        time.sleep(max(0.0, opened_at + 1.3 - time.monotonic()))
+        assert circuit_metric(gateway.url, "dead") == 1
+        assert circuits(http, gateway.url) == {"java": "closed", "dead": "half_open"}
 
 
 @pytest.mark.parametrize(

@@ -16,14 +16,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
 
 # Top first. The name is the first component below ``gateway`` (a module or a subpackage).
 LAYERS: list[tuple[str, set[str]]] = [
-    ("entry points", {"__main__", "server", "master", "worker", "demo", "sim"}),
+    ("entry points", {"__main__", "server", "master", "worker", "demo", "sim", "http11"}),
     ("application", {"app"}),
     ("front middleware", {"middleware"}),
-    ("routes", {"routes"}),
+    ("routes", {"routes", "openapi"}),
     ("services", {"services", "purge"}),
-    ("domain", {"auth", "ratelimit", "query", "lookup", "cache", "owners", "tasks", "validation"}),
+    (
+        "domain",
+        {"auth", "ratelimit", "query", "lookup", "cache", "owners", "tasks", "validation"}
+        | {"ledger", "quota", "dedup", "visibility"}
+        | {"images"}
+        | {"watcher", "events", "push", "webhooks"},
+    ),
     ("upstream pool", {"upstreams", "outbound", "circuit"}),
-    ("infrastructure", {"store", "buckets", "metrics", "logs", "lru"}),
+    ("infrastructure", {"store", "streams", "buckets", "metrics", "logs", "lru", "records"}),
     ("foundation", {"config", "configfile", "weakkeys", "errors", "context", "protocol"}),
 ]
 LEVEL = {name: level for level, (_, names) in enumerate(LAYERS) for name in names}

@@ -8,6 +8,7 @@ so counts are asserted only where the promise is about who is (not) asked.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,16 @@ import httpx
 import orjson
 import pytest
 
+from gateway.cache import TaskCache
+from gateway.circuit import CircuitBreaker
+from gateway.config import CacheConfig, FanoutConfig, RedisConfig, Secret, UpstreamConfig
+from gateway.context import RequestInfo
+from gateway.errors import UpstreamFailures
+from gateway.lookup import TaskLookup
+from gateway.outbound import OutboundCaps
+from gateway.owners import OwnerMap
+from gateway.store import KeySpace, MemoryStore, RedisStore, Store
+from gateway.upstreams import Upstream
 from tests.sims_extra import (
     FIRST,
     assert_error,
@@ -189,6 +200,43 @@ def test_fetch_past_the_fan_out_deadline_is_504(sims: list[SimProcess]) -> None:
         elapsed = time.monotonic() - began
     assert_error(response, 504)
     assert elapsed < 2
+
+
+async def test_a_fan_out_past_its_deadline_blames_only_upstreams_that_had_not_answered(
+    sims: list[SimProcess], own_redis: RedisProcess
+) -> None:
+    """One upstream says "not found" at once; the other is stuck in its outbound caps on a
+    frozen store (2 s socket timeout) past the fan-out's deadline, so the fan-out's own
+    safety timeout ends the wait. Only the stuck one missed the deadline."""
+    java, csharp = sims[0], sims[1]
+    keys = KeySpace("t-fanout-blame")
+    memory = MemoryStore()
+    frozen = RedisStore(RedisConfig(url=Secret(own_redis.url), socket_timeout_s=2))
+
+    def upstream(sim: SimProcess, store: Store) -> Upstream:
+        config = UpstreamConfig(sim.name, sim.url, Secret(sim.key), timeout_s=5)
+        return Upstream(config, OutboundCaps(store, keys, config), CircuitBreaker(5, 30))
+
+    answering, stuck = upstream(java, memory), upstream(csharp, frozen)
+    owners = OwnerMap(memory, keys, 3600, 1000)
+    lookup = TaskLookup(
+        owners, TaskCache(memory, keys, CacheConfig(), owners), FanoutConfig(deadline_s=0.3)
+    )
+    assert own_redis.proc is not None
+    own_redis.proc.send_signal(signal.SIGSTOP)
+    began = time.monotonic()
+    try:
+        with pytest.raises(UpstreamFailures) as caught:
+            await lookup.fetch("", unique_id(), [answering, stuck], RequestInfo(request_id="r"))
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+        for closing in (answering, stuck, frozen):
+            await closing.aclose() if isinstance(closing, Upstream) else await closing.close()
+    assert time.monotonic() - began < 1.0
+    assert count(java, FETCH) == 1  # java did answer, "not found"
+    errors = caught.value.errors
+    assert [(e.upstream, e.kind) for e in errors] == [("csharp", "timeout")]
+    assert "missed the fan-out deadline" in errors[0].description
 
 
 @pytest.mark.parametrize("recorded_by", ["submit", "fetch", "list"])

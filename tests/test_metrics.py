@@ -3,8 +3,11 @@ bounded label sets; the text exposition in single- and multiprocess mode."""
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,10 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
-from tests.support import SimProcess, caller, make_config, running_gateway
+from gateway.configfile import config_from_dict
+from tests.sims_extra import client, config_for
+from tests.support import SimProcess, caller, config_data, make_config, running_gateway
+from tests.test_observability import sample_sum
 
 # name (as the family is called in a scrape), type, label names: DESIGN.md section 5.
 EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -37,6 +43,8 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5]
 LATENCY_BUCKETS += [1, 2.5, 5, 10, 30]
+L1_HIT_LABELS = {"tier": "l1", "result": "hit"}
+LIMITED_KEY = "limited-key-0123456789"
 TEMPLATE = re.compile(r"(/([a-z][a-z-]*|\{[a-z_]+\}))+")
 CLASS = re.compile(r"[a-z_]+")
 
@@ -213,3 +221,145 @@ def test_each_fetch_counts_one_l1_lookup(sims: list[SimProcess]) -> None:
             response = httpx.get(f"{gateway.url}/mj/task/{task_id}/fetch", headers=caller())
             assert response.status_code == 200
     assert (l1("hit") - hits, l1("miss") - misses) == (2, 1)
+
+
+def requests_counted(**labels: str) -> float:
+    """``mjgate_requests_total`` of this process, summed over the series matching ``labels``."""
+    return sample_sum(single_process_scrape(), "mjgate_requests_total", **labels)
+
+
+def test_refusals_are_counted_under_the_route_asked_for(sims: list[SimProcess]) -> None:
+    """401, 429 and 400 answered before routing carry the route's template, never the raw path
+    and no longer "unmatched"; a path no route serves stays "unmatched"."""
+    task_id = f"17{uuid.uuid4().int % 10**14:014d}"
+    limited = {"name": "limited", "key": LIMITED_KEY, "rate_limit": {"rps": 0.001, "burst": 1}}
+    config = config_data(sims)
+    config["clients"].append(limited)
+    limited_key = [("mj-api-secret", LIMITED_KEY)]
+    asks: list[tuple[str, str, list[tuple[str, str]], str, str]] = [
+        ("GET", f"/mj/task/{task_id}/fetch", [], "/mj/task/{task_id}/fetch", "401"),
+        ("POST", "/mj-fast/mj/task/list-by-ids", [], "/mj-fast/mj/task/list-by-ids", "401"),
+        ("GET", "/mj/task/list-by-ids", [], "/mj/task/list-by-ids", "401"),  # else a 405
+        ("GET", f"/no/such/{task_id}", [], "unmatched", "401"),
+        ("GET", "/mj/task/list", limited_key, "/mj/task/list", "200"),
+        ("GET", "/mj/task/list", limited_key, "/mj/task/list", "429"),
+        ("POST", "/mj/submit/imagine", limited_key * 2, "/mj/submit/{kind}", "400"),
+    ]
+    before = {
+        (route, status): requests_counted(route=route, status=status) for *_, route, status in asks
+    }
+    with running_gateway(config_from_dict(config, env={})) as gateway:
+        for method, path, headers, _, status in asks:
+            answer = httpx.request(method, f"{gateway.url}{path}", headers=headers, json={})
+            assert str(answer.status_code) == status, (path, answer.text)
+        text = single_process_scrape()
+    for (route, status), count in before.items():
+        expected = sum(1 for *_, r, s in asks if (r, s) == (route, status))
+        assert (
+            sample_sum(text, "mjgate_requests_total", route=route, status=status)
+            == count + expected
+        )
+    assert task_id not in text
+
+
+def test_an_l1_hit_is_not_counted_for_a_request_refused_with_429(sims: list[SimProcess]) -> None:
+    task_id = f"17{uuid.uuid4().int % 10**14:014d}"
+    sims[0].seed(id=task_id, status="SUCCESS")
+    limited = {"name": "limited", "key": LIMITED_KEY, "rate_limit": {"rps": 0.001, "burst": 2}}
+    config = config_data(sims)
+    config["clients"].append(limited)
+
+    def l1_hits() -> float:
+        return REGISTRY.get_sample_value("mjgate_cache_lookups_total", L1_HIT_LABELS) or 0.0
+
+    hits = l1_hits()
+    with running_gateway(config_from_dict(config, env={})) as gateway:
+        url = f"{gateway.url}/mj/task/{task_id}/fetch"
+        statuses = [
+            httpx.get(url, headers={"mj-api-secret": LIMITED_KEY}).status_code for _ in range(4)
+        ]
+    # A miss that fills L1, an L1 hit, then two refusals that an L1 hit could have answered.
+    assert statuses == [200, 200, 429, 429]
+    assert l1_hits() - hits == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "label"),
+    [
+        (1, "1"),
+        (21, "21"),
+        (24, "24"),
+        (9, "9"),
+        (None, "none"),
+        (7, "other"),
+        (10**12, "other"),
+        ("1", "other"),
+        (True, "other"),
+        (1.0, "other"),
+        ([1], "other"),
+        ("<script>", "other"),
+    ],
+)
+def test_submit_code_labels_are_the_known_codes_or_other(code: object, label: str) -> None:
+    assert metrics.submit_code(code) == label
+
+
+class EnvelopeUpstream:
+    """A real HTTP upstream answering every submit with the envelope code it is given."""
+
+    def __init__(self) -> None:
+        self.code: object = 1
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = json.dumps({"code": upstream.code, "description": "odd", "result": None})
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> EnvelopeUpstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_submit_codes_an_upstream_makes_up_do_not_grow_the_label_set() -> None:
+    name = f"odd{uuid.uuid4().hex[:6]}"
+    with EnvelopeUpstream() as upstream:
+        entry = {
+            "name": name,
+            "base_url": upstream.url,
+            "auth": "bearer",
+            "key": "odd-upstream-key-0123",
+            "list_by_ids_path": "/mj/task/list-by-ids",
+        }
+        with running_gateway(config_for([entry])) as gateway, client(gateway) as http:
+            for code in (1, 23, 4711, 99999999, -5, "1"):
+                upstream.code = code
+                answer = http.post("/mj/submit/imagine", json={"prompt": f"label {code!r}"})
+                # A code that is not an integer is no envelope: mjgate's 502, labeled "none".
+                assert answer.status_code == (200 if isinstance(code, int) else 502)
+            text = single_process_scrape()
+    codes = {
+        sample.labels["code"]: sample.value
+        for sample in families(text)["mjgate_submits"].samples
+        if sample.name == "mjgate_submits_total" and sample.labels["upstream"] == name
+    }
+    assert codes == {"1": 1, "23": 1, "other": 3, "none": 1}

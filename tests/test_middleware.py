@@ -9,6 +9,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,8 +23,9 @@ from tests.test_observability import (
     scrape,
 )
 
-CACHE_RESULTS = {"HIT", "MISS", "COALESCED", "PARTIAL"}
+LIMITED_KEY = "limited-key-0123456789"
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
+QUIET = ("/healthz", "/readyz", "/metrics")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,11 @@ def gateway(
     session_sims: list[SimProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProc]:
     """``python -m gateway serve --config FILE``, JSON logs on its stdout."""
-    with gateway_proc(tmp_path_factory.mktemp("serve"), config_data(session_sims)) as process:
+    config = config_data(session_sims)
+    config["clients"].append(
+        {"name": "limited", "key": LIMITED_KEY, "rate_limit": {"rps": 0.001, "burst": 1}}
+    )
+    with gateway_proc(tmp_path_factory.mktemp("serve"), config) as process:
         yield process
 
 
@@ -90,7 +96,8 @@ def test_caller_request_id_is_echoed_logged_and_in_error_bodies(gateway: Gateway
     assert answer.json()["request_id"] == request_id
     line = gateway.wait_for_line(request_id)
     assert line["status"] == 401 and line["client"] == "-"
-    assert line["route"] == "unmatched"  # refused before routing: still no raw path
+    assert line["route"] == "/mj/task/list"  # refused before routing, logged under its route
+    assert line["cache"] == "-" and "x-cache" not in answer.headers
 
 
 @pytest.mark.parametrize("bad", ["has spaces in it", "x" * 129, "semi;colon", "slash/id"])
@@ -213,3 +220,52 @@ def test_keys_in_every_header_leave_no_trace(
     for key in [alice, bob, *upstream_keys]:
         for where, text in texts.items():
             assert key not in text, f"a key reached {where}"
+
+
+def test_x_cache_is_sent_on_answers_about_tasks_only(
+    gateway: GatewayProc, session_sims: list[SimProcess]
+) -> None:
+    """A task fetched, listed, searched or acted on says where it came from; an answer that
+    never involved a task (health, bad input, a refusal, a submit, no such route) does not,
+    and its access line says "-"."""
+    task_id = seeded(session_sims[0])
+    alice = caller("alice")
+    limited = {"mj-api-secret": LIMITED_KEY}
+    about_tasks: list[tuple[str, str, dict[str, str], Any, int, str]] = [
+        ("GET", f"/mj/task/{task_id}/fetch", alice, None, 200, "MISS"),
+        ("GET", f"/mj/task/{task_id}/fetch", alice, None, 200, "HIT"),
+        ("GET", "/mj/task/1799999999999993/fetch", alice, None, 404, "MISS"),
+        ("POST", "/mj/task/list-by-condition", alice, {"ids": [task_id]}, 200, "HIT"),
+        ("POST", "/mj/task/query", alice, {}, 200, "MISS"),
+        ("GET", "/mj-fast/mj/task/list", alice, None, 200, "MISS"),
+        ("GET", "/mj/task/queue", alice, None, 200, "MISS"),
+        ("GET", f"/mj/task/{task_id}/image-seed", alice, None, 200, "MISS"),
+        ("GET", "/mj/task/list", limited, None, 200, "MISS"),  # its one token: next, 429
+    ]
+    twice = [("mj-api-secret", CALLER_KEYS["alice"])] * 2
+    not_about_tasks: list[tuple[str, str, Any, Any, int]] = [
+        ("GET", "/healthz", {}, None, 200),
+        ("GET", "/readyz", {}, None, 200),
+        ("GET", f"/mj/task/{task_id}/fetch", {}, None, 401),
+        ("GET", f"/mj/task/{task_id}/fetch", twice, None, 400),
+        ("GET", f"/mj/task/{task_id}/fetch", limited, None, 429),
+        ("GET", "/mj/task/has.a.dot/fetch", alice, None, 400),
+        ("POST", "/mj/task/list-by-ids", alice, {"ids": "not a list"}, 400),
+        ("PUT", "/mj/task/list-by-ids", alice, None, 405),
+        ("POST", "/mj/submit/imagine", alice, {"prompt": f"x-cache {task_id}"}, 200),
+        ("GET", "/no/such/route", alice, None, 404),
+    ]
+    logged: dict[str, str] = {}
+    for method, path, headers, body, status, cache in about_tasks:
+        answer = httpx.request(method, f"{gateway.url}{path}", headers=headers, json=body)
+        assert answer.status_code == status, (path, answer.text)
+        assert answer.headers.get("x-cache") == cache, path
+        logged[answer.headers["x-request-id"]] = cache
+    for method, path, headers, body, status in not_about_tasks:
+        answer = httpx.request(method, f"{gateway.url}{path}", headers=headers, json=body)
+        assert answer.status_code == status, (path, answer.text)
+        assert "x-cache" not in answer.headers and "x-cache-tier" not in answer.headers, path
+        if path not in QUIET:
+            logged[answer.headers["x-request-id"]] = "-"
+    for request_id, cache in logged.items():
+        assert gateway.wait_for_line(request_id)["cache"] == cache

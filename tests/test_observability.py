@@ -621,6 +621,7 @@ def test_readyz_reports_circuits_while_the_store_answers_and_503_when_it_does_no
                 "status": "ready",
                 "store": "ok",
                 "upstreams": {name: "closed" for name in ("java", "csharp", "relay", "dead")},
+                "worker": os.getpid(),  # the gateway runs in a thread of this process
             }
             # The dead upstream fails a fan-out and its circuit opens: still ready.
             httpx.get(
@@ -649,3 +650,51 @@ def test_readyz_reports_circuits_while_the_store_answers_and_503_when_it_does_no
     finally:
         redis.stop()
         shutil.rmtree(redis.dir, ignore_errors=True)
+
+
+def circuit_by_worker(metrics_dir: Path, upstream: str) -> dict[str, float]:
+    """Each live worker's own ``mjgate_circuit_state`` for ``upstream``, from its gauge file."""
+    states: dict[str, float] = {}
+    for path in sorted(metrics_dir.glob("gauge_livemax_*.db")):
+        metrics = MultiProcessCollector.merge([str(path)], accumulate=False)  # type: ignore[no-untyped-call]
+        for metric in metrics:
+            for sample in metric.samples:
+                if sample.name == "mjgate_circuit_state" and sample.labels["upstream"] == upstream:
+                    states[path.stem.rsplit("_", 1)[1]] = sample.value
+    return states
+
+
+def test_readyz_under_gunicorn_reports_a_circuit_open_in_any_worker(
+    sims: list[SimProcess], tmp_path: Path
+) -> None:
+    """One worker's circuit to an upstream opens; the other worker never called it. Whichever
+    worker answers ``/readyz`` says "open" (each used to report only its own view)."""
+    broken = sims[1]
+    config = config_data(sims, circuit={"failure_threshold": 2, "cooldown_s": 120})
+    with gateway_proc(tmp_path, config, workers=2) as gateway:
+        assert gateway.metrics_dir is not None
+        broken.faults(error_rate=1.0, error_status=500)
+        try:
+            # One connection, so one worker: two failed fan-outs open its circuit.
+            with httpx.Client(base_url=gateway.url, headers=caller("alice"), timeout=10) as one:
+                for n in range(2):
+                    one.get(f"/mj/task/17999999999990{n:02d}/fetch")
+                tripped = one.get("/readyz").json()
+        finally:
+            broken.reset()
+        assert tripped["upstreams"][broken.name] == "open"
+        local = circuit_by_worker(gateway.metrics_dir, broken.name)
+        assert sorted(local.values()) == [0, 2], local  # open in one worker only
+        assert local[str(tripped["worker"])] == 2
+
+        seen: dict[int, dict[str, str]] = {}
+        for _ in range(200):
+            # A new connection each time: the kernel hands it to either worker.
+            answer = httpx.get(f"{gateway.url}/readyz", headers={"Connection": "close"})
+            assert answer.status_code == 200
+            seen[answer.json()["worker"]] = answer.json()["upstreams"]
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, "one worker answered every readiness check"
+        for upstreams in seen.values():
+            assert upstreams == {s.name: "open" if s is broken else "closed" for s in sims}

@@ -4,15 +4,19 @@ gone failing fast with StoreError."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
+from collections import Counter
 
+import httpx
 import pytest
 
 from gateway.config import RedisConfig, Secret
+from gateway.configfile import config_from_dict
 from gateway.errors import StoreError
 from gateway.store import KeySpace, MemoryStore, RedisStore, Store, open_store
-from tests.support import RedisProcess
+from tests.support import RedisProcess, SimProcess, caller, config_data, running_gateway
 
 
 async def get(store: Store, key: str) -> bytes | None:
@@ -270,3 +274,80 @@ def test_owner_keys_are_prefixed_and_hash_tagged_by_task_id() -> None:
     keys = KeySpace("team-a")
     assert keys.owner("1712345678901234") == "team-a:{1712345678901234}:owner"
     assert keys.owner("a") != KeySpace("team-b").owner("a")
+
+
+# --- Redis killed and restarted under load -----------------------------------------------------
+
+
+class Load:
+    """Callers hammering the gateway from threads (every request touches the store), until
+    stopped; counts answers by status."""
+
+    def __init__(self, url: str, threads: int = 6) -> None:
+        self.url = url
+        self.statuses: Counter[int] = Counter()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, headers=caller("alice"), timeout=10) as http:
+            while not self._stop.is_set():
+                answer = http.get(f"/mj/task/{uuid.uuid4().int % 10**16:016d}/fetch")
+                self.statuses[answer.status_code] += 1
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(15)
+
+
+def burst(url: str, key: str, count: int) -> Counter[int]:
+    """``count`` requests at once with this caller key; their statuses."""
+
+    async def run() -> list[int]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as http:
+            answers = await asyncio.gather(
+                *(http.get(f"/mj/task/{n:016d}/fetch") for n in range(count))
+            )
+        return [a.status_code for a in answers]
+
+    return Counter(asyncio.run(run()))
+
+
+def test_limits_are_exact_within_a_second_of_redis_returning_under_load(
+    own_redis: RedisProcess, session_sims: list[SimProcess]
+) -> None:
+    """Redis is killed under load and started again. From a quarter second after its return
+    on, a burst of 10 against a burst limit of 5 admits exactly 5 (each burst from a caller
+    of its own). A store-wide "skip" window, reopened by every stray connection error, kept
+    the limits open for seconds, and ``on_store_error: allow`` admitted everything meanwhile."""
+    data = config_data(session_sims[:1], own_redis.url)
+    keys = [f"burst-caller-{n}-key-0123456789" for n in range(4)]
+    data["clients"] += [
+        {"name": f"burst{n}", "key": key, "rate_limit": {"rps": 0.001, "burst": 5}}
+        for n, key in enumerate(keys)
+    ]
+    data["rate_limit"]["on_store_error"] = "allow"
+    config = config_from_dict(data, env={})
+    outcomes: list[tuple[float, Counter[int]]] = []
+    with running_gateway(config) as gateway, Load(gateway.url) as load:
+        time.sleep(0.5)
+        assert own_redis.proc is not None
+        own_redis.proc.kill()
+        own_redis.proc.wait(5)
+        own_redis.proc = None
+        time.sleep(1.5)
+        own_redis.start()  # same port, empty data set
+        back = time.monotonic()
+        for n, key in enumerate(keys):
+            time.sleep(max(0.0, back + 0.25 * (n + 1) - time.monotonic()))
+            outcomes.append((time.monotonic() - back, burst(gateway.url, key, 10)))
+    for after, statuses in outcomes:
+        assert statuses[429] == 5, f"{statuses} {after:.2f} s after Redis returned"
+    assert load.statuses[500] == 0, load.statuses

@@ -12,6 +12,7 @@ import asyncio
 import random
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -43,6 +44,9 @@ CALLER_HEADERS = [
 ]
 
 
+FETCH_PATH = "/mj/task/1/fetch"
+
+
 def upstream_config(
     name: str,
     base_url: str,
@@ -53,6 +57,7 @@ def upstream_config(
     timeout_s: float = 5.0,
     max_concurrency: int = 32,
     queue_timeout_s: float = 2.0,
+    max_response_bytes: int = 8 * 1024 * 1024,
 ) -> UpstreamConfig:
     return UpstreamConfig(
         name=name,
@@ -63,12 +68,15 @@ def upstream_config(
         timeout_s=timeout_s,
         max_concurrency=max_concurrency,
         queue_timeout_s=queue_timeout_s,
+        max_response_bytes=max_response_bytes,
     )
 
 
-def make_upstream(config: UpstreamConfig, failure_threshold: int = 5) -> Upstream:
+def make_upstream(
+    config: UpstreamConfig, failure_threshold: int = 5, secrets: tuple[str, ...] = ()
+) -> Upstream:
     caps = OutboundCaps(MemoryStore(), KeySpace("t-upstreams"), config)
-    return Upstream(config, caps, CircuitBreaker(failure_threshold, 30.0))
+    return Upstream(config, caps, CircuitBreaker(failure_threshold, 30.0), secrets)
 
 
 def for_sim(sim: SimProcess, **overrides: Any) -> UpstreamConfig:
@@ -76,8 +84,10 @@ def for_sim(sim: SimProcess, **overrides: Any) -> UpstreamConfig:
 
 
 @asynccontextmanager
-async def opened(config: UpstreamConfig, failure_threshold: int = 5) -> AsyncIterator[Upstream]:
-    upstream = make_upstream(config, failure_threshold)
+async def opened(
+    config: UpstreamConfig, failure_threshold: int = 5, secrets: tuple[str, ...] = ()
+) -> AsyncIterator[Upstream]:
+    upstream = make_upstream(config, failure_threshold, secrets)
     try:
         yield upstream
     finally:
@@ -161,9 +171,29 @@ async def test_wrong_key_is_an_upstream_failure_that_does_not_leak_the_key(
     error = caught.value
     assert error.upstream == java.name
     assert error.kind == "broken"
-    assert error.sent is True
+    # Refused before any work: a submit may move on to another upstream.
+    assert error.sent is False
     assert secret not in str(error)
     assert secret not in repr(upstream)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_rejected_key_counts_against_the_circuit_and_opens_it(
+    sims: list[SimProcess], status: int
+) -> None:
+    java = sims[0]
+    java.faults(error_rate=1, error_status=status)
+    async with opened(for_sim(java), failure_threshold=3) as upstream:
+        for _ in range(3):
+            answer = await upstream.request(
+                "GET", "/mj/task/1/fetch", route="fetch", request_id="r"
+            )
+            assert answer.status == status
+        assert upstream.breaker.state == "open"
+        with pytest.raises(UpstreamError) as caught:
+            await upstream.request("POST", "/mj/submit/imagine", route="submit", request_id="r")
+    assert (caught.value.kind, caught.value.sent) == ("open", False)
+    assert total(java) == 3
 
 
 # -- failure classification ------------------------------------------------------------------
@@ -242,6 +272,33 @@ async def test_per_request_timeout_overrides_the_upstream_timeout(sims: list[Sim
                 "GET", "/mj/task/1/fetch", route="fetch", request_id="r", timeout_s=0.3
             )
     assert (caught.value.kind, caught.value.sent) == ("timeout", True)
+
+
+async def test_the_wait_for_the_outbound_caps_counts_against_the_calls_timeout(
+    sims: list[SimProcess],
+) -> None:
+    """A fan-out's deadline covers its wait for the caps: it used to start after it, so a
+    call could overrun the deadline by ``queue_timeout_s``."""
+    java = sims[0]
+    java.faults(timeout_rate=1, hang_s=3)
+    config = for_sim(java, timeout_s=5, max_concurrency=1, queue_timeout_s=3)
+    async with opened(config) as upstream:
+        first = asyncio.create_task(
+            upstream.request("GET", FETCH_PATH, route="fetch", request_id="r1", timeout_s=2)
+        )
+        for _ in range(100):  # until the first request holds the only slot upstream
+            if total(java) == 1:
+                break
+            await asyncio.sleep(0.01)
+        began = time.monotonic()
+        with pytest.raises(UpstreamError) as caught:
+            await upstream.request("GET", FETCH_PATH, route="fetch", request_id="r2", timeout_s=0.5)
+        elapsed = time.monotonic() - began
+        with pytest.raises(UpstreamError):
+            await first
+    assert elapsed < 0.8, f"took {elapsed:.2f} s for a 0.5 s call"
+    assert (caught.value.kind, caught.value.sent) == ("saturated", False)
+    assert total(java) == 1
 
 
 @pytest.fixture

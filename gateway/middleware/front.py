@@ -4,6 +4,9 @@ In order: request id, caller authentication, rate limit, then either the cached-
 path or the app, and finally metrics and the one access-log line. One layer instead of one
 per concern: every layer re-wraps ``send`` and rebuilds header lists, and a cached fetch, the
 request the team makes most, is cheap enough for that to be a third of its cost.
+
+Requests refused here (400, 401, 429) are counted and logged under the template of the route
+they asked for, found only on those paths. ``X-Cache`` goes only on answers about tasks.
 """
 
 from __future__ import annotations
@@ -12,21 +15,28 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import caller, missing_key_response, set_caller
 from gateway.config import ClientConfig
 from gateway.context import RequestInfo, attach, request_info
-from gateway.errors import error_response
+from gateway.errors import GatewayError, error_response
+from gateway.images.signing import SIGNED_URL
 from gateway.metrics import INFLIGHT, L1_HIT, observe_request
+from gateway.middleware.deadline import body_deadline
 from gateway.protocol import MODES, TASK_ID_PATTERN
 from gateway.ratelimit import Decision, refusal_response, route_class
+from gateway.routes import keyless
 from gateway.services import Services, services_of
 
-__all__ = ["FastAnswer", "GatewayMiddleware", "cached_fetch"]
+__all__ = ["FastAnswer", "GatewayMiddleware", "cached_fetch", "new_request_id", "request_id_of"]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _FETCH_PATH = re.compile(
@@ -36,6 +46,9 @@ _FETCH_PATH = re.compile(
 # cheaper than a uuid4 (one urandom call) per request.
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
+# A client that hung up while its request was read (nginx's code: there is no one to answer).
+_CLIENT_GONE = 499
+_NO_BODY_METHODS = frozenset({"GET", "HEAD"})
 
 access_log = structlog.get_logger("mjgate.access")
 error_log = structlog.get_logger("mjgate.errors")
@@ -56,8 +69,11 @@ def cached_fetch(services: Services, scope: Scope) -> FastAnswer | None:
     match = _FETCH_PATH.fullmatch(scope["path"])
     if match is None:
         return None
+    client = caller(scope)
+    if not services.visibility.known_visible(client, match.group(2)):
+        return None  # the route decides, answering an invisible task as an unknown one
     pool = services.pool
-    allowed = pool.allowed(caller(scope).upstreams)
+    allowed = pool.allowed(client.upstreams)
     answer = services.lookup.fetch_cached(match.group(2), pool.names(allowed))
     if answer is None or not answer.found:
         return None  # the route answers it, and counts the L1 miss
@@ -69,19 +85,22 @@ class GatewayMiddleware:
     """Request id, authentication, rate limit, the cached-fetch fast path, metrics and the
     access line, in one pure ASGI layer. Services come from the lifespan state."""
 
-    def __init__(self, app: ASGIApp, public_paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, public_paths: frozenset[str], routes: Sequence[BaseRoute]
+    ) -> None:
         self.app = app
         self.public_paths = public_paths
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        info = RequestInfo(request_id=_incoming_request_id(scope) or _new_request_id())
+        info = RequestInfo(request_id=request_id_of(scope))
         attach(scope, info)
         if scope["path"] in self.public_paths:
             # Health, readiness and metrics: no key, no limit, no access-log noise.
-            await self._app(scope, receive, _with_headers(send, info, ()))
+            await self._app(scope, receive, _with_headers(send, scope, info, ()))
             return
         started = time.perf_counter()
         status = 500
@@ -110,11 +129,22 @@ class GatewayMiddleware:
     async def _serve(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo) -> int:
         """Answer the request; return its status."""
         services = services_of(scope)
-        client = services.registry.authenticate(scope["headers"])
+        try:
+            client = services.registry.authenticate(scope["headers"])
+        except GatewayError as exc:  # ambiguous credentials
+            refusal = error_response(exc.status, exc.description, info.request_id)
+            return await self._refuse(scope, receive, send, info, refusal, ())
+        if client is None and services.images is not None and services.images.presigned(scope):
+            client = SIGNED_URL  # its route checks the signature instead of a key
+        if client is None and keyless(scope):
+            # Its route checks a credential of its own (an upstream's push URL, a stream
+            # token) and names the caller; no caller's limit applies before that.
+            status = _Status()
+            await self._app(scope, receive, _with_headers(send, scope, info, (), status), status)
+            return status.code
         if client is None:
-            response = missing_key_response(scope["headers"], info.request_id)
-            await response(scope, receive, _with_headers(send, info, ()))
-            return 401
+            refusal = missing_key_response(scope["headers"], info.request_id)
+            return await self._refuse(scope, receive, send, info, refusal, ())
         set_caller(scope, client)
         info.client = client.name
         # Decide the fast path before spending a token, so nothing is charged twice.
@@ -122,17 +152,44 @@ class GatewayMiddleware:
         decision = await self._limit(services, scope, client)
         limit_headers = decision.headers()
         if not decision.allowed:
-            response = refusal_response(client, decision, info.request_id)
-            await response(scope, receive, _with_headers(send, info, limit_headers))
-            return 429
+            refusal = refusal_response(client, decision, info.request_id)
+            return await self._refuse(scope, receive, send, info, refusal, limit_headers)
         if fast is not None:
             L1_HIT.inc()
             info.route, info.cache, info.tier = fast.route, fast.cache, fast.tier
             await _send_cached(send, fast.body, info, limit_headers)
             return 200
         status = _Status()
-        await self._app(scope, receive, _with_headers(send, info, limit_headers, status))
+        await self._app(
+            scope, receive, _with_headers(send, scope, info, limit_headers, status), status
+        )
         return status.code
+
+    async def _refuse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        info: RequestInfo,
+        response: Response,
+        extra: list[tuple[bytes, bytes]] | tuple[()],
+    ) -> int:
+        """Send a refusal made here, before routing; return its status."""
+        info.route = self._route_of(scope)
+        await response(scope, receive, _with_headers(send, scope, info, extra))
+        return response.status_code
+
+    def _route_of(self, scope: Scope) -> str:
+        """The template of the route the router would pick (a full match first, else the first
+        partial one, as Starlette does), or "unmatched"."""
+        partial = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return str(getattr(route, "path", "unmatched"))
+            if match is Match.PARTIAL and partial is None:
+                partial = route
+        return str(getattr(partial, "path", "unmatched"))
 
     @staticmethod
     async def _limit(services: Services, scope: Scope, client: ClientConfig) -> Decision:
@@ -141,16 +198,20 @@ class GatewayMiddleware:
         name, bucket = limits.for_class(route_class(scope["path"]))
         return await limiter.check(client.name, name, bucket)
 
-    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _app(
+        self, scope: Scope, receive: Receive, send: Send, status: _Status | None = None
+    ) -> None:
         """The app, with a last net for bugs: one JSON 500 carrying the request id, one logged
         (and redacted) traceback, and nothing for the server to print raw to stderr.
 
-        Every line the app logs carries the request id and client through contextvars; the
-        fast path logs only the access line and binds nothing (each request is its own task,
-        with its own context)."""
+        A body must arrive within ``server.body_timeout_s`` (else 408). Every line the app logs
+        carries the request id and client through contextvars; the fast path logs only the
+        access line and binds nothing (each request is its own task, with its own context)."""
         info = request_info(scope)
         info.headers = scope["headers"]
         structlog.contextvars.bind_contextvars(request_id=info.request_id, client=info.client)
+        if scope["method"] not in _NO_BODY_METHODS:
+            receive = body_deadline(receive, services_of(scope).config.server.body_timeout_s)
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -160,6 +221,9 @@ class GatewayMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            if status is not None and not started:
+                status.code = _CLIENT_GONE
         except Exception:
             error_log.exception("unhandled_error")
             if not started:
@@ -178,24 +242,40 @@ class _Status:
 
 def _with_headers(
     send: Send,
+    scope: Scope,
     info: RequestInfo,
     extra: list[tuple[bytes, bytes]] | tuple[()],
     status: _Status | None = None,
 ) -> Send:
-    """``send`` adding the request id, the cache headers and ``extra`` to the answer."""
+    """``send`` adding the request id, the cache headers (on answers about tasks) and
+    ``extra`` to the answer."""
 
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
+            code = message["status"]
             if status is not None:
-                status.code = message["status"]
+                status.code = code
+            if not _about_tasks(scope, code):
+                info.cache = "-"
             message["headers"] = [*message.get("headers", ()), *_gateway_headers(info), *extra]
         await send(message)
 
     return wrapped
 
 
+def _about_tasks(scope: Scope, status: int) -> bool:
+    """An answer about tasks: a task route's answer that is not a refusal of the request
+    itself (a 4xx other than 404: bad input, too large, wrong method, too slow)."""
+    route = scope.get("route")
+    if route is None or "/mj/task/" not in getattr(route, "path", ""):
+        return False
+    return status < 400 or status == 404 or status >= 500
+
+
 def _gateway_headers(info: RequestInfo) -> list[tuple[bytes, bytes]]:
-    headers = [(b"x-request-id", info.request_id.encode()), (b"x-cache", info.cache.encode())]
+    headers = [(b"x-request-id", info.request_id.encode())]
+    if info.cache != "-":
+        headers.append((b"x-cache", info.cache.encode()))
     if info.tier != "-":
         headers.append((b"x-cache-tier", info.tier.encode()))
     return headers
@@ -214,12 +294,17 @@ async def _send_cached(
     await send({"type": "http.response.body", "body": body})
 
 
-def _new_request_id() -> str:
+def new_request_id() -> str:
+    """A request id unique across workers: this process's random prefix and a counter."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
-def _incoming_request_id(scope: Scope) -> str | None:
+def request_id_of(scope: Scope) -> str:
+    """The caller's ``X-Request-Id`` when well-formed, else a new one."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            return value.decode("ascii") if _REQUEST_ID.fullmatch(value) else None
-    return None
+            if _REQUEST_ID.fullmatch(value):
+                given: str = value.decode("ascii")
+                return given
+            break
+    return new_request_id()

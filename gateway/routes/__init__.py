@@ -8,12 +8,26 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Scope
 
 from gateway.config import Config
+from gateway.openapi import OPENAPI_PATH, openapi_route
 from gateway.protocol import MODES
-from gateway.routes import actions, admin, health, submit, tasks
+from gateway.push import NOTIFY_PREFIX
+from gateway.routes import (
+    actions,
+    admin,
+    events,
+    health,
+    images,
+    ledger,
+    notify,
+    submit,
+    tasks,
+    webhooks,
+)
 
-__all__ = ["public_paths", "route_table"]
+__all__ = ["keyless", "public_paths", "route_table"]
 
 ModeEndpoint = Callable[[str, Request], Awaitable[Response]]
 
@@ -37,13 +51,34 @@ def route_table(config: Config) -> list[BaseRoute]:
             Route(f"{base}/task/queue", bound(tasks.recent), methods=["GET"]),
             Route(f"{base}/submit/{{kind}}", bound(submit.submit), methods=["POST"]),
             Route(f"{base}/insight-face/{{kind}}", bound(submit.submit), methods=["POST"]),
+            # Before the task actions, whose {action} would take "events".
+            Route(f"{base}/task/{{task_id}}/events", bound(events.stream), methods=["GET"]),
+            Route(
+                f"{base}/task/{{task_id}}/events/token",
+                bound(events.stream_token),
+                methods=["POST"],
+            ),
             Route(
                 f"{base}/task/{{task_id}}/{{action}}",
                 bound(actions.task_action),
                 methods=["GET", "POST"],
             ),
         ]
+    if config.images.enabled:
+        routes += [
+            Route("/mj/image/{task_id}", images.image, methods=["GET"]),
+            Route("/mj/image/{task_id}/{n}", images.image, methods=["GET"]),
+        ]
     routes.append(Route("/admin/cache/purge", admin.purge, methods=["POST"]))
+    routes += [Route("/admin/usage", ledger.usage), Route("/admin/tasks", ledger.tasks)]
+    routes += [
+        Route("/admin/webhooks", webhooks.deliveries),
+        Route("/admin/webhooks/{delivery_id}/retry", webhooks.retry, methods=["POST"]),
+    ]
+    if any(upstream.push for upstream in config.upstreams):
+        routes.append(
+            Route(f"{NOTIFY_PREFIX}{{upstream}}/{{token}}", notify.notify, methods=["POST"])
+        )
     routes += [
         Route(path, actions.passthrough, methods=["GET", "POST"]) for path in config.passthrough
     ]
@@ -51,9 +86,16 @@ def route_table(config: Config) -> list[BaseRoute]:
     if config.metrics.enabled:
         token = config.metrics.token.reveal()
         routes.append(Route(config.metrics.path, health.metrics_endpoint(token)))
+    routes.append(openapi_route(routes, config))
     return routes
+
+
+def keyless(scope: Scope) -> bool:
+    """Requests whose route checks a credential of their own instead of a caller's key: an
+    upstream's push URL, a browser's stream token."""
+    return scope["path"].startswith(NOTIFY_PREFIX) or events.has_stream_token(scope)
 
 
 def public_paths(config: Config) -> frozenset[str]:
     """Paths served without a caller key and without an access-log line."""
-    return frozenset({"/healthz", "/readyz", config.metrics.path})
+    return frozenset({"/healthz", "/readyz", config.metrics.path, OPENAPI_PATH})

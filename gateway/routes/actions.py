@@ -9,6 +9,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.auth import caller
 from gateway.context import request_info
 from gateway.errors import GatewayError, UpstreamError, UpstreamFailures
 from gateway.routes.common import allowed, forward, services
@@ -37,7 +38,9 @@ async def task_action(mode: str, request: Request) -> Response:
     if request.method == "POST":
         data = await read_json_object(request, svc.config.server.max_body_bytes, optional=True)
     info = request_info(request.scope)
-    owner = await svc.lookup.owner_of(mode, task_id, allowed(request), info)
+    owner = None
+    if await svc.visibility.check(caller(request.scope), task_id):
+        owner = await svc.lookup.owner_of(mode, task_id, allowed(request), info)
     if owner is None:
         raise GatewayError(404, f"task {task_id} not found")
     body = orjson.dumps(data) if data is not None else None

@@ -1,17 +1,28 @@
-"""Reading tasks: fetch one, list by ids, paged query, and the recent and queued lists."""
+"""Reading tasks: fetch one, list by ids, paged query, and the recent and queued lists.
+
+A caller with visibility ``own`` or ``team`` reads only the tasks it may see: others are
+answered as unknown ids (fetch) or left out (lists); its ``query`` and ``list`` search the
+tasks the ledger holds for it.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.auth import caller
 from gateway.context import RequestInfo, request_info
 from gateway.errors import GatewayError
 from gateway.metrics import PARTIAL_ANSWERS
-from gateway.query import page_object, parse_query
+from gateway.query import MAX_DEPTH, RECENT_LIMIT, Merged, page_object, parse_query, sort_rows
 from gateway.routes.common import allowed, services
+from gateway.services import Services
 from gateway.validation import read_ids, read_json_object, require_task_id
+from gateway.visibility import restricted
 
 __all__ = ["fetch", "list_by_ids", "query", "recent"]
 
@@ -20,7 +31,11 @@ async def fetch(mode: str, request: Request) -> Response:
     """``GET /mj/task/{id}/fetch``: one task, from cache or its owner."""
     task_id = require_task_id(request.path_params["task_id"])
     info = request_info(request.scope)
-    answer = await services(request).lookup.fetch(mode, task_id, allowed(request), info)
+    svc = services(request)
+    if not await svc.visibility.check(caller(request.scope), task_id):
+        info.tier = "upstream"  # as an unknown id's answer says
+        raise GatewayError(404, f"task {task_id} not found")
+    answer = await svc.lookup.fetch(mode, task_id, allowed(request), info)
     info.cache, info.tier = answer.cache, answer.tier
     if not answer.found:
         raise GatewayError(404, f"task {task_id} not found")
@@ -31,6 +46,8 @@ async def list_by_ids(mode: str, request: Request) -> Response:
     """``POST /mj/task/list-by-ids`` and ``list-by-condition``: tasks in the caller's order."""
     config = services(request).config
     ids = await read_ids(request, config.server.max_body_bytes, config.fanout.max_ids)
+    visible = await services(request).visibility.visible(caller(request.scope), ids)
+    ids = [task_id for task_id in ids if task_id in visible]
     info = request_info(request.scope)
     result = await services(request).lookup.list_tasks(mode, ids, allowed(request), info)
     response = _merged(result.body, result.failed, info)
@@ -43,7 +60,19 @@ async def query(mode: str, request: Request) -> Response:
     body = await read_json_object(request, services(request).config.server.max_body_bytes)
     spec = parse_query(body)
     info = request_info(request.scope)
-    merged = await services(request).search.query(mode, spec, allowed(request), info)
+    svc = services(request)
+    client = caller(request.scope)
+    if restricted(client):
+        # Only the caller's own (or team's) tasks, named by the ledger, are searched.
+        mine = await svc.ledger.visible_ids(client, MAX_DEPTH)
+        seen = set(mine)
+        ids = [i for i in spec.ids if i in seen] if spec.ids else mine
+        if not ids:
+            return _merged(orjson.dumps(page_object([], 0, spec)), [], info)
+        filters = {k: v for k, v in spec.filters.items() if k != "id"} | {"ids": ids}
+        spec = dataclasses.replace(spec, filters=filters)
+    merged = await svc.search.query(mode, spec, allowed(request), info)
+    await _drop_invisible(svc, request, merged)
     page = page_object(merged.rows, merged.total, spec)
     return _merged(orjson.dumps(page), merged.failed, info)
 
@@ -52,8 +81,29 @@ async def recent(mode: str, request: Request) -> Response:
     """``GET /mj/task/list`` and ``/mj/task/queue``, merged across upstreams."""
     kind = request.url.path.rsplit("/", 1)[1]
     info = request_info(request.scope)
-    merged = await services(request).search.recent(mode, kind, allowed(request), info)
+    svc = services(request)
+    client = caller(request.scope)
+    if kind == "list" and restricted(client):
+        # The caller's newest tasks, by the ledger: the upstreams' lists hold everyone's.
+        ids = await svc.ledger.visible_ids(client, RECENT_LIMIT)
+        result = await svc.lookup.list_tasks(mode, ids, allowed(request), info)
+        rows: list[dict[str, Any]] = orjson.loads(result.body)
+        sort_rows(rows, ("submitTime", True))
+        return _merged(orjson.dumps(rows), result.failed, info)
+    merged = await svc.search.recent(mode, kind, allowed(request), info)
+    await _drop_invisible(svc, request, merged)
     return _merged(orjson.dumps(merged.rows), merged.failed, info)
+
+
+async def _drop_invisible(svc: Services, request: Request, merged: Merged) -> None:
+    """Leave out of merged rows every task the caller may not see."""
+    client = caller(request.scope)
+    if not restricted(client):
+        return
+    visible = await svc.visibility.visible(client, [str(row.get("id")) for row in merged.rows])
+    kept = [row for row in merged.rows if str(row.get("id")) in visible]
+    merged.total -= len(merged.rows) - len(kept)
+    merged.rows = kept
 
 
 def _merged(body: bytes, failed: list[str], info: RequestInfo) -> Response:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,9 +34,20 @@ def create_sim_app(settings: SimSettings) -> Starlette:
         Mount(f"{mode}/mj", routes=sim.mj_routes(f"{mode}/mj")) for mode in MODES
     ]
     mounts += [Mount(mode, routes=sim.mj_routes(mode)) for mode in MODES if mode]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        calling = asyncio.create_task(sim.tasks.hooks.run())
+        try:
+            yield
+        finally:
+            calling.cancel()
+            await asyncio.gather(calling, return_exceptions=True)
+
     app = Starlette(
         routes=[*Control(sim).routes(), *mounts],
         exception_handlers={BadRequest: _bad_request, orjson.JSONDecodeError: _bad_request},
+        lifespan=lifespan,
     )
     app.state.sim = sim
     return app

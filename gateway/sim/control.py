@@ -42,11 +42,20 @@ class Control:
         return json_response({"ok": True, "flavor": self.sim.flavor, "auth": self.sim.auth})
 
     async def stats(self, request: Request) -> Response:
-        return json_response(self.sim.stats.snapshot())
+        hooks = self.sim.tasks.hooks
+        return json_response(
+            {
+                **self.sim.stats.snapshot(),
+                "notify_hooks": list(hooks.received),
+                "hooks_sent": hooks.sent,
+                "hooks_failed": hooks.failed,
+            }
+        )
 
     async def reset(self, request: Request) -> Response:
         body = await self._body(request)
         self.sim.stats.reset()
+        self.sim.tasks.hooks.reset()
         if body.get("tasks") is True:
             self.sim.tasks.store.clear()
         return json_response({"ok": True})

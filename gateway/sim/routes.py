@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.protocol import TERMINAL
+from gateway.sim.hooks import HookCaller
 from gateway.sim.order import scrambled
 from gateway.sim.query import query_page
 from gateway.sim.settings import SimSettings
@@ -106,6 +107,7 @@ class TaskRoutes:
         self.rng = rng
         self.not_found = not_found
         self.store = TaskStore()
+        self.hooks = HookCaller(self.store, enabled=settings().flavor != "relay")
         self.instance = str(rng.randrange(10**18, 10**19))
 
     def handlers(self) -> dict[tuple[str, str], Handler]:
@@ -152,7 +154,7 @@ class TaskRoutes:
         """A playing task; whether it ends SUCCESS or FAILURE is drawn now."""
         settings = self.settings()
         failing = settings.failure_rate > 0 and self.rng.random() < settings.failure_rate
-        return playing_task(
+        task = playing_task(
             task_id or self.store.new_id(self.rng, now),
             action,
             prompt,
@@ -167,6 +169,8 @@ class TaskRoutes:
             properties=properties,
             extra=extra,
         )
+        self.hooks.remember(task.task_id, body.get("notifyHook"))
+        return task
 
     def _refused(self, prompt: str) -> Reply | None:
         """Banned prompt or full queue: the submit is not accepted."""

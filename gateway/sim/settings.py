@@ -33,6 +33,7 @@ RUNTIME_FIELDS = (
     "queue_full_rate",
     "failure_rate",
     "task_seconds",
+    "echo_key",
 )
 
 
@@ -56,6 +57,8 @@ class SimSettings:
     hang_s: float = 30.0
     queue_full_rate: float = 0.0
     seed: int | None = None
+    # JSON error answers (C# and relay flavors) quote the sim's key, as some relays do.
+    echo_key: bool = False
 
     def __post_init__(self) -> None:
         for name in ("failure_rate", "error_rate", "timeout_rate", "queue_full_rate"):

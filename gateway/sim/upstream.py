@@ -125,6 +125,8 @@ class Sim:
 
     def _error(self, status: int, message: str) -> Reply:
         """An error answer in the flavor's style (Java: the plain reason phrase)."""
+        if self.settings.echo_key:
+            message = f"{message} (key {self.key.decode()})"
         if self.flavor == "java":
             phrases = {400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error"}
             return status, phrases.get(status, b"Error"), b"text/plain; charset=utf-8"

@@ -1,0 +1,157 @@
+"""The HTTP/1.1 connections the gateway serves: uvicorn's httptools protocol, with bounds.
+
+uvicorn's httptools protocol neither limits a request's header bytes nor times their arrival
+(its one timer, keep-alive, starts after an answer): 1 MiB of headers is read and kept, and
+a connection that sends half a request, or nothing, is held for as long as the caller likes.
+Here, per connection:
+
+- headers (request line included) above ``server.max_header_bytes`` get a 431 and a closed
+  connection, found while they arrive: at most one more read is buffered past the bound;
+- a request whose headers are not complete ``server.header_timeout_s`` after its first byte
+  gets a 408 and a closed connection; a new connection that sends nothing for that long is
+  closed.
+
+A body's deadline is the front layer's (``gateway.middleware.deadline``): it answers 408
+with the request id and the access line like any other answer.
+
+The gunicorn master imports this module (through the worker class): it must not import the
+app's modules, whose metrics would be created in the master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from asyncio import TimerHandle
+from typing import Any, ClassVar
+
+import structlog
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from gateway.config import ServerConfig
+from gateway.errors import error_response
+
+__all__ = ["BoundedHttpTools", "bounded_http"]
+
+log = structlog.get_logger("mjgate.http")
+
+
+class BoundedHttpTools(HttpToolsProtocol):
+    """``HttpToolsProtocol`` with a bound on header bytes and on header time; the bounds come
+    from the subclass ``bounded_http`` makes."""
+
+    max_header_bytes: ClassVar[int]
+    header_timeout_s: ClassVar[float]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._awaiting_headers = True  # between requests, or inside a request's headers
+        self._begun = False  # the first byte of a request whose headers are not complete
+        self._raw_bytes = 0  # read while awaiting headers
+        self._parsed_bytes = 0  # of the request line and header fields parsed so far
+        self._timer: TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._awaiting_headers:
+            self._raw_bytes += len(data)
+        super().data_received(data)
+        if self._awaiting_headers and self._raw_bytes > self.max_header_bytes:
+            self._refuse(431, f"request headers are larger than {self.max_header_bytes} bytes")
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._begun = True
+        self._parsed_bytes = 0
+        if self._timer is None:
+            self._arm_timer()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._parsed_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._parsed_bytes += len(name) + len(value) + 4  # ": " and CRLF
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._cancel_timer()
+        self._awaiting_headers = self._begun = False
+        self._raw_bytes = 0
+        if self._parsed_bytes > self.max_header_bytes:
+            self._refuse(431, f"request headers are larger than {self.max_header_bytes} bytes")
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._awaiting_headers = True
+        self._raw_bytes = 0
+        super().on_message_complete()
+
+    # Bounds
+
+    def _arm_timer(self) -> None:
+        self._timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self._refused or self.transport.is_closing():
+            return
+        if self._begun:
+            self._refuse(408, f"request headers did not arrive within {self.header_timeout_s:g} s")
+        else:
+            self.transport.close()  # connected, sent nothing: no request to answer
+
+    def _refuse(self, status: int, description: str) -> None:
+        """Answer ``status`` as mjgate's JSON error and close the connection."""
+        self._refused = True
+        self._cancel_timer()
+        request_id = os.urandom(16).hex()  # the shape of the front layer's ids
+        body = bytes(error_response(status, description, request_id).body)
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"x-request-id: %s\r\n" % request_id.encode(),
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+        log.warning("request_refused", status=status, request_id=request_id, reason=description)
+
+
+def bounded_http(server: ServerConfig) -> type[BoundedHttpTools]:
+    """The protocol class for uvicorn's ``http`` setting, with ``server``'s bounds."""
+
+    class Bounded(BoundedHttpTools):
+        max_header_bytes = server.max_header_bytes
+        header_timeout_s = server.header_timeout_s
+
+    return Bounded
