@@ -16,7 +16,7 @@ demo: $(BIN)/mjgate
 	$(BIN)/mjgate demo $(if $(PORT),--port $(PORT))
 
 system-deps:
-	scripts/system-deps redis-server redis-sentinel redis-cli docker-compose
+	scripts/system-deps redis-server redis-sentinel redis-cli docker-compose chromium chromedriver
 	scripts/install-prometheus
 
 lint: $(BIN)/mjgate

@@ -1,6 +1,6 @@
-"""``python -m bench [all|cache|miss|amplification|fanout|profile] [options]``.
+"""``python -m bench [all|cache|miss|amplification|fanout|images|watcher|profile] [options]``.
 
-``python -m bench`` runs the four benchmarks one after the other (about 5 minutes) and
+``python -m bench`` runs the six benchmarks one after the other (about 7 minutes) and
 prints every table, then a summary of the targets. ``python -m bench miss`` (etc.) runs one;
 ``python -m bench miss --help`` shows its options; options after the name go to that
 benchmark. ``profile`` (py-spy on the gateway under a cached-fetch or miss-path load) is a
@@ -16,7 +16,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench import amplification, cache_fetch, fanout, miss_fetch, profile_fetch
+from bench import (
+    amplification,
+    cache_fetch,
+    fanout,
+    images,
+    miss_fetch,
+    profile_fetch,
+    watcher,
+)
 from bench.common import (
     BenchError,
     Verdict,
@@ -40,6 +48,8 @@ BENCHES = {
     "miss": Bench(miss_fetch.parser, miss_fetch.run, miss_fetch.main),
     "amplification": Bench(amplification.parser, amplification.run, amplification.main),
     "fanout": Bench(fanout.parser, fanout.run, fanout.main),
+    "images": Bench(images.parser, images.run, images.main),
+    "watcher": Bench(watcher.parser, watcher.run, watcher.main),
 }
 # Not part of "all": a diagnostic for the cache benchmark, needs py-spy.
 EXTRA = {"profile": profile_fetch.main}

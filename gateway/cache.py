@@ -12,6 +12,7 @@ and one MGET reads a task's owner, not-found mark and bodies in a single round t
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
 import time
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-import structlog
 
 from gateway.config import CacheConfig
 from gateway.errors import StoreError
@@ -40,7 +40,6 @@ __all__ = [
     "terminal_ttl_s",
 ]
 
-log = structlog.get_logger("mjgate.cache")
 
 # A stored value is: mark (T terminal, R running), 8-byte big-endian expiry in Unix ms, body.
 # The expiry travels with the body so that a worker copying it into L1 never keeps it longer
@@ -155,8 +154,7 @@ class TaskCache:
             keys += [self.keys.task(u, task_id) for u in upstreams]
         try:
             values = await self.store.mget(keys)
-        except StoreError as exc:
-            log.warning("store_error", operation="cache_read", error=str(exc))
+        except StoreError:  # logged and counted by the store
             return {}
         now, now_wall = time.monotonic(), time.time()
         views: dict[str, StoreView] = {}
@@ -243,12 +241,10 @@ class TaskCache:
         await self._write({self.config.not_found_ttl_ms: items})
 
     async def _write(self, by_ttl: dict[int, dict[str, bytes]]) -> None:
-        try:
+        with contextlib.suppress(StoreError):  # logged and counted by the store
             for ttl_ms, items in by_ttl.items():
                 if ttl_ms > 0 and items:
                     await self.store.set_many(items, ttl_ms)
-        except StoreError as exc:
-            log.warning("store_error", operation="cache_write", error=str(exc))
 
     async def invalidate(self, task_ids: Iterable[str], upstreams: Sequence[str]) -> bool:
         """Drop ids from this process's L1 and from the store (hence from every worker's L1
@@ -261,8 +257,7 @@ class TaskCache:
             keys.append(self.keys.not_found(task_id))
         try:
             await self.store.delete(keys)
-        except StoreError as exc:
-            log.warning("store_error", operation="cache_invalidate", error=str(exc))
+        except StoreError:  # logged and counted by the store
             return False
         return True
 

@@ -9,7 +9,8 @@ Here, per connection:
   connection, found while they arrive: at most one more read is buffered past the bound;
 - a request whose headers are not complete ``server.header_timeout_s`` after its first byte
   gets a 408 and a closed connection; a new connection that sends nothing for that long is
-  closed.
+  closed;
+- a request httptools cannot parse gets mjgate's JSON 400 (uvicorn's is plain text).
 
 A body's deadline is the front layer's (``gateway.middleware.deadline``): it answers 408
 with the request id and the access line like any other answer.
@@ -66,6 +67,8 @@ class BoundedHttpTools(HttpToolsProtocol):
         if self._awaiting_headers:
             self._raw_bytes += len(data)
         super().data_received(data)
+        if self._refused or self.transport.is_closing():
+            return  # refused by a callback, or uvicorn's own 400 for a malformed request
         if self._awaiting_headers and self._raw_bytes > self.max_header_bytes:
             self._refuse(431, f"request headers are larger than {self.max_header_bytes} bytes")
 
@@ -107,6 +110,10 @@ class BoundedHttpTools(HttpToolsProtocol):
         self._awaiting_headers = True
         self._raw_bytes = 0
         super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse: mjgate's JSON error, not uvicorn's plain text."""
+        self._refuse(400, "malformed HTTP request")
 
     # Bounds
 

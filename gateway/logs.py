@@ -316,10 +316,12 @@ def configure_logging(config: LoggingConfig, secrets: Iterable[str] = ()) -> Non
 
 def secrets_of(config: Config) -> list[str]:
     """Every secret value in the config, for the log redactor: each upstream key, the
-    metrics token, the server's secret key and the Redis password (sentinel entries hold
-    none: the config refuses credentials there, and Sentinel uses the one in ``redis.url``)."""
+    metrics token, the server's secret key, the S3 keys and the Redis password (sentinel
+    entries hold none: the config refuses credentials there, and Sentinel uses the one in
+    ``redis.url``)."""
     secrets = [u.key.reveal() for u in config.upstreams]
     secrets += [config.metrics.token.reveal(), config.server.secret_key.reveal()]
+    secrets += [config.images.s3.access_key.reveal(), config.images.s3.secret_key.reveal()]
     secrets += _url_passwords(config.redis.url.reveal())
     return [s for s in secrets if s]
 

@@ -729,15 +729,17 @@ class RedisStore:
     async def subscribe(self, channel: str) -> AsyncGenerator[bytes, None]:
         # A connection of its own for as long as the subscription lasts; reads wait up to a
         # second instead of the socket timeout, since silence is normal here.
+        # Not under ``_guard``: a quiet second here says nothing about the store's health.
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            with self._guard("subscribe", probe=True):
-                await pubsub.subscribe(channel)
+            await pubsub.subscribe(channel)
             while True:
-                with self._guard("subscribe", probe=True):
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                 if message is not None and message["type"] == "message":
                     yield _as_bytes(message["data"]) or b""
+        except (RedisError, OSError) as exc:
+            STORE_ERRORS.labels("subscribe").inc()
+            raise StoreError(f"redis subscribe failed: {type(exc).__name__}") from exc
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
@@ -832,8 +834,9 @@ class RedisStore:
 
 
 class _ErrorLog:
-    """Every store error counted in ``mjgate_store_errors`` and logged, without a line per
-    error: an outage under load fails thousands of calls a second."""
+    """Every Redis error counted in ``mjgate_store_errors`` and logged (``redis_error``, by
+    the metric's operation name) without a line per error: an outage under load fails
+    thousands of calls a second. Callers may log what they did about it (``store_error``)."""
 
     def __init__(self) -> None:
         self.unlogged: dict[str, int] = {}
@@ -846,12 +849,12 @@ class _ErrorLog:
         if now - self._logged_at.get(operation, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             self._logged_at[operation] = now
             count = self.unlogged.pop(operation)
-            log.warning("store_error", operation=operation, error=error, errors=count)
+            log.warning("redis_error", operation=operation, error=error, errors=count)
 
     def back(self) -> None:
         """The store answered: account for the errors no line has told of yet."""
         unlogged, self.unlogged = self.unlogged, {}
-        log.info("store_back", unlogged_errors=unlogged)
+        log.info("redis_back", unlogged_errors=unlogged)
 
 
 def _client(config: RedisConfig) -> Any:

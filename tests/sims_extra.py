@@ -180,6 +180,7 @@ def config_for(upstreams: Sequence[dict[str, Any]], redis_url: str = "", **secti
 
     Caller rate limits and outbound caps are set far above what any test sends, so that
     tests about routing are not about limits (each entry may still set its own ``max_rps``).
+    A submit sent again is sent again: the duplicate-submit window is off.
     """
     data: dict[str, Any] = {
         "redis": {"url": redis_url, "key_prefix": f"t{uuid.uuid4().hex[:12]}"},
@@ -190,6 +191,7 @@ def config_for(upstreams: Sequence[dict[str, Any]], redis_url: str = "", **secti
             {"name": "bob", "key": CALLER_KEYS["bob"], "upstreams": [upstreams[0]["name"]]},
         ],
         "fanout": {"deadline_s": 3},
+        "submit": {"dedup_window_s": 0},
     }
     data.update(sections)
     return config_from_dict(data, env={})

@@ -199,7 +199,8 @@ def standard_sims() -> list[SimProcess]:
 
 def config_data(sims: list[SimProcess], redis_url: str = "", **sections: Any) -> dict[str, Any]:
     """A config document with callers alice (every upstream) and bob (the first upstream
-    only), generous limits (tests of the limits set their own) and a fresh key prefix."""
+    only), generous limits (tests of the limits set their own), no duplicate-submit window
+    (tests of it set their own) and a fresh key prefix."""
     data: dict[str, Any] = {
         "redis": {"url": redis_url, "key_prefix": f"t{uuid.uuid4().hex[:12]}"},
         "upstreams": [s.upstream_config() for s in sims],
@@ -209,6 +210,7 @@ def config_data(sims: list[SimProcess], redis_url: str = "", **sections: Any) ->
         ],
         "fanout": {"deadline_s": 3},
         "rate_limit": {"default": {"rps": 10000, "burst": 10000}},
+        "submit": {"dedup_window_s": 0},
     }
     data.update(sections)
     return data

@@ -18,13 +18,20 @@ from gateway.config import (
     ConfigError,
     CorsConfig,
     FanoutConfig,
+    LedgerConfig,
     LoggingConfig,
     MetricsConfig,
+    Quota,
+    QuotaConfig,
     RateLimitConfig,
     RedisConfig,
     Secret,
     ServerConfig,
+    SubmitConfig,
     UpstreamConfig,
+    WatcherConfig,
+    WebhookConfig,
+    WebhooksConfig,
     hash_key,
     redacted,
 )
@@ -104,6 +111,10 @@ def test_example_config_loads_as_is_with_its_env_vars() -> None:
     assert dashboards.key_sha256s == (DASHBOARDS_PLACEHOLDER,)
     assert dashboards.upstreams is None
     assert not dashboards.admin and ops.admin
+    assert (alice.team, alice.visibility, dashboards.visibility) == ("design", "team", "all")
+    assert alice.quota == Quota(200, 3000, refund_failed=True)
+    assert config.quota == QuotaConfig() and dashboards.quota is None
+    assert (config.submit.dedup_window_s, config.ledger.retention_days) == (10, 30)
     assert ops.key_sha256s == (OPS_PLACEHOLDER,)
 
     assert config.allow_anonymous is False
@@ -633,12 +644,20 @@ def test_every_config_field_is_named_in_the_example() -> None:
         CircuitConfig,
         MetricsConfig,
         LoggingConfig,
+        WatcherConfig,
+        WebhooksConfig,
+        WebhookConfig,
+        Quota,
+        QuotaConfig,
+        SubmitConfig,
+        LedgerConfig,
         Config,
     )
     for section in sections:
         for field in dataclasses.fields(section):
             assert f"{field.name}:" in text, f"{section.__name__}.{field.name}"
-    for client_key in ("key:", "key_sha256:", "keys:", "key_sha256s:", "admin:"):
+    client_keys = ("key:", "key_sha256:", "keys:", "key_sha256s:", "admin:", "team:", "visibility:")
+    for client_key in client_keys:
         assert client_key in text
 
 

@@ -271,6 +271,8 @@ REQUIRED_ALERTS = {
     "MjgateCacheHitRatioCollapse",
     "MjgateStoreErrors",
     "MjgateHighLatencyP99",
+    "MjgateWebhookDeadLetters",
+    "MjgateStuckTasks",
 }
 
 
@@ -300,6 +302,21 @@ def upstream_calls(upstream: str, outcome: str) -> str:
 
 
 SCENARIOS: dict[str, dict[str, Any]] = {
+    "MjgateStuckTasks": {
+        "series": {
+            f'mjgate_stuck_tasks{{{GW}, upstream="java"}}': "0x5 2x30",
+            f'mjgate_stuck_tasks{{{GW}, upstream="relay"}}': "0x40",
+        },
+        "quiet_at": "15m",
+        "fires_at": "25m",
+        "labels": {"severity": "warning", "job": "mjgate", "upstream": "java"},
+    },
+    "MjgateWebhookDeadLetters": {
+        "series": {f'mjgate_webhook_queue_depth{{{GW}, state="dead"}}': "0x5 3x30"},
+        "quiet_at": "12m",
+        "fires_at": "20m",
+        "labels": {"severity": "warning", "job": "mjgate"},
+    },
     "MjgateDown": {
         "series": {f"up{{{GW}}}": "0x30"},
         "quiet_at": "1m",
@@ -389,6 +406,7 @@ HEALTHY = {
     f'mjgate_request_duration_seconds_bucket{{{GW}, {FETCH}, le="2.5"}}': "0+60x60",
     f'mjgate_request_duration_seconds_bucket{{{GW}, {FETCH}, le="+Inf"}}': "0+60x60",
     f"mjgate_request_duration_seconds_count{{{GW}, {FETCH}}}": "0+60x60",
+    f'mjgate_stuck_tasks{{{GW}, upstream="java"}}': "0x60",
 }
 # All errors, but too little traffic to page anyone at night.
 QUIET_NIGHT = {

@@ -206,6 +206,15 @@ def test_a_caller_hanging_up_mid_body_is_logged_as_499_not_as_a_gateway_error(
     assert not [e for e in gateway.events("unhandled_error") if e.get("request_id") == request_id]
 
 
+@pytest.mark.parametrize(
+    "data",
+    [b"GET /mj/task/list HTTP/9.9\r\n\r\n", b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n"],
+    ids=["version", "nul"],
+)
+def test_a_request_that_cannot_be_parsed_gets_400_json(gateway: GatewayProc, data: bytes) -> None:
+    assert_refused(exchange(port_of(gateway), data), 400, "malformed HTTP request")
+
+
 def test_gunicorn_workers_keep_the_same_bounds(
     session_sims: list[SimProcess], tmp_path: Path
 ) -> None:

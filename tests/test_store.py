@@ -11,6 +11,8 @@ from collections import Counter
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from gateway.config import RedisConfig, Secret
 from gateway.configfile import config_from_dict
@@ -351,3 +353,48 @@ def test_limits_are_exact_within_a_second_of_redis_returning_under_load(
     for after, statuses in outcomes:
         assert statuses[429] == 5, f"{statuses} {after:.2f} s after Redis returned"
     assert load.statuses[500] == 0, load.statuses
+
+
+def store_errors(operation: str) -> float:
+    value = REGISTRY.get_sample_value("mjgate_store_errors_total", {"operation": operation})
+    return value or 0.0
+
+
+async def test_every_redis_error_is_counted_and_logged_without_a_line_each(
+    own_redis: RedisProcess,
+) -> None:
+    store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
+    try:
+        own_redis.stop()
+        before = store_errors("mget")
+        with capture_logs() as logs:
+            for _ in range(50):
+                with pytest.raises(StoreError):
+                    await store.mget(["k"])
+            own_redis.start()
+            assert await store.mget(["k"]) == [None]
+            assert await store.mget(["k"]) == [None]
+        assert store_errors("mget") - before == 50
+        failed = [e for e in logs if e["event"] == "redis_error"]
+        back = [e for e in logs if e["event"] == "redis_back"]
+        assert [(e["operation"], e["errors"]) for e in failed] == [("mget", 1)]
+        assert [e["unlogged_errors"] for e in back] == [{"mget": 49}]  # every error told of
+    finally:
+        await store.close()
+
+
+async def test_a_stale_pooled_connection_after_a_restart_is_replaced_not_failed(
+    own_redis: RedisProcess,
+) -> None:
+    store = RedisStore(RedisConfig(url=Secret(own_redis.url), max_connections=8))
+    try:
+        # Eight pooled connections, all to the server about to be replaced.
+        await asyncio.gather(*(store.take_tokens(f"b{n}", 1, 5, 1, 0) for n in range(8)))
+        own_redis.stop()
+        own_redis.start()
+        before = store_errors("take_tokens")
+        grants = await asyncio.gather(*(store.take_tokens(f"b{n}", 1, 5, 1, 0) for n in range(8)))
+        assert [g.granted for g in grants] == [1] * 8
+        assert store_errors("take_tokens") == before
+    finally:
+        await store.close()

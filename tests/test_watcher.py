@@ -107,7 +107,7 @@ def test_many_callers_cost_only_the_watchers_batched_list_calls(
         started = time.monotonic()
         answers = asyncio.run(poll(gateway.url, ids, callers=40, seconds=window))
         elapsed = time.monotonic() - started
-    assert len(answers) > 40 * window * 5
+    assert len(answers) >= 40 * window  # at least a poll per caller per second
     assert set(answers) == {"COALESCED"}  # a running task's answer, from the store
     for sim in two:
         list_calls, fetches = counts(sim)
@@ -192,8 +192,8 @@ def test_the_lease_moves_to_another_worker_when_the_leader_is_killed(
         wait_until(lambda: counts(java)[0] >= 3, 5, "polls")
         # One watcher in the fleet: one list call per interval, not one per worker.
         java.control("POST", "reset", {})
-        time.sleep(3)
-        assert 5 <= counts(java)[0] <= 3 / 0.3 + 2
+        time.sleep(2)
+        assert 3 <= counts(java)[0] <= 2 / 0.3 + 2
         (leader,) = leaders(gateway)
         os.kill(leader, signal.SIGKILL)
         killed = time.monotonic()
@@ -204,3 +204,16 @@ def test_the_lease_moves_to_another_worker_when_the_leader_is_killed(
         assert taken_over_s < 6
         before = counts(java)[0]
         wait_until(lambda: counts(java)[0] >= before + 3, 5, "polls by the new leader")
+
+
+async def test_a_lease_is_held_by_one_holder_until_it_lapses(store: Any) -> None:
+    key = f"t{uuid.uuid4().hex}:{{lease}}"
+    assert await store.acquire_lease(key, "a", 200)
+    assert not await store.acquire_lease(key, "b", 200)
+    assert await store.acquire_lease(key, "a", 200)  # renewed
+    await store.release_lease(key, "b")  # not b's to give up
+    assert not await store.acquire_lease(key, "b", 200)
+    await asyncio.sleep(0.3)
+    assert await store.acquire_lease(key, "b", 200)  # a stopped renewing
+    await store.release_lease(key, "b")
+    assert await store.acquire_lease(key, "a", 200)

@@ -310,3 +310,36 @@ def test_webhook_config_is_checked() -> None:
     assert any(p.startswith("clients[0].webhook.url:") for p in problems)
     assert any(p.startswith("clients[0].webhook.secret:") for p in problems)
     assert CALLER_KEYS["alice"] not in str(raised.value)
+
+
+# -- the store's queue, on the embedded store and on a real Redis -------------------------
+
+
+async def test_a_queue_entry_read_and_never_acknowledged_is_claimed_again(store: Any) -> None:
+    queue = f"t{uuid.uuid4().hex}:{{q}}:queue"
+    await store.queue_add(queue, b"one")
+    await store.queue_add(queue, b"two")
+    first = await store.queue_read(queue, "worker-a", 10)
+    assert [data for _, data in first] == [b"one", b"two"]
+    assert await store.queue_read(queue, "worker-b", 10) == []  # each entry goes to one reader
+    await store.queue_ack(queue, [first[0][0]])
+    assert await store.queue_reclaim(queue, "worker-b", 60_000, 10) == []  # not idle long yet
+    await asyncio.sleep(0.05)
+    claimed = await store.queue_reclaim(queue, "worker-b", 20, 10)
+    assert claimed == [first[1]]  # worker-a died holding it
+    await store.queue_ack(queue, [first[1][0]])
+    assert await store.queue_length(queue) == 0
+
+
+async def test_due_members_move_from_the_schedule_to_the_queue_at_once(store: Any) -> None:
+    prefix = f"t{uuid.uuid4().hex}:{{s}}"
+    schedule, queue = f"{prefix}:retry", f"{prefix}:queue"
+    now = time.time()
+    await store.schedule(schedule, {"late": now + 60, "due": now - 1, "also": now - 2})
+    assert [m for m, _ in await store.scheduled(schedule, 10)] == ["also", "due", "late"]
+    assert await store.release_due(schedule, queue, now, 10) == 2
+    assert await store.schedule_size(schedule) == 1
+    read = await store.queue_read(queue, "worker", 10)
+    assert sorted(data for _, data in read) == [b"also", b"due"]
+    await store.unschedule(schedule, ["late"])
+    assert await store.schedule_size(schedule) == 0

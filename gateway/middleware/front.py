@@ -48,6 +48,20 @@ _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
 # A client that hung up while its request was read (nginx's code: there is no one to answer).
 _CLIENT_GONE = 499
+# The routes whose answers carry X-Cache: fetch, the lists, the search, task actions.
+_TASK_ROUTES = frozenset(
+    f"{mode}/mj/task/{suffix}"
+    for mode in MODES
+    for suffix in (
+        "{task_id}/fetch",
+        "list-by-condition",
+        "list-by-ids",
+        "query",
+        "list",
+        "queue",
+        "{task_id}/{action}",
+    )
+)
 _NO_BODY_METHODS = frozenset({"GET", "HEAD"})
 
 access_log = structlog.get_logger("mjgate.access")
@@ -266,8 +280,7 @@ def _with_headers(
 def _about_tasks(scope: Scope, status: int) -> bool:
     """An answer about tasks: a task route's answer that is not a refusal of the request
     itself (a 4xx other than 404: bad input, too large, wrong method, too slow)."""
-    route = scope.get("route")
-    if route is None or "/mj/task/" not in getattr(route, "path", ""):
+    if getattr(scope.get("route"), "path", None) not in _TASK_ROUTES:
         return False
     return status < 400 or status == 404 or status >= 500
 

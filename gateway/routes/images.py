@@ -119,7 +119,7 @@ def _not_modified(request: Request, etag: str, modified: float) -> bool:
 class _ImageFile(FileResponse):
     """The stored file (Starlette serves ``Range`` requests), counted in bytes sent."""
 
-    chunk_size = 256 * 1024
+    chunk_size = 1024 * 1024
 
     def __init__(self, served: Served, headers: dict[str, str]) -> None:
         stored = served.image

@@ -42,6 +42,7 @@ BATCH = 16
 IDLE_POLL_S = 0.5  # the local wake makes this worker's own enqueues prompt
 RECLAIM_EVERY_S = 15.0
 GAUGE_EVERY_S = 5.0
+STORE_RETRY_S = 2.0
 _USER_AGENT = "mjgate-webhooks"
 
 
@@ -80,6 +81,7 @@ class Deliveries:
         self._queue = keys.webhooks("queue")
         self._retry = keys.webhooks("retry")
         self._wake = asyncio.Event()
+        self._reclaim_at = self._gauges_at = 0.0
 
     def _index(self, state: State) -> str:
         return self.keys.webhooks(state)
@@ -163,25 +165,27 @@ class Deliveries:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers={"user-agent": _USER_AGENT}
         ) as session:
-            reclaim_at = gauge_at = 0.0
             while True:
-                now = time.monotonic()
                 try:
-                    entries = await self._next_entries(now >= reclaim_at)
-                    if now >= gauge_at:
-                        await self._update_gauges()
-                        gauge_at = now + GAUGE_EVERY_S
+                    entries = await self._next_entries()
                 except StoreError as exc:
                     log.warning("store_error", operation="webhooks", error=str(exc))
-                    entries = []
-                reclaim_at = reclaim_at if now < reclaim_at else now + RECLAIM_EVERY_S
+                    await asyncio.sleep(STORE_RETRY_S)
+                    continue
+                await self._refresh_gauges()
                 if entries:
                     await self._deliver(session, entries)
-                    continue
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(IDLE_POLL_S):
-                        await self._wake.wait()
+                else:
+                    await self._idle()
+
+    async def _next_entries(self) -> list[tuple[str, bytes]]:
+        await self.store.release_due(self._retry, self._queue, time.time(), BATCH * 4)
+        entries = await self.store.queue_read(self._queue, self.consumer, BATCH)
+        if time.monotonic() >= self._reclaim_at:
+            idle_ms = int(max(60.0, 3 * self.config.timeout_s) * 1000)
+            entries += await self.store.queue_reclaim(self._queue, self.consumer, idle_ms, BATCH)
+            self._reclaim_at = time.monotonic() + RECLAIM_EVERY_S
+        return entries
 
     async def _deliver(
         self, session: aiohttp.ClientSession, entries: list[tuple[str, bytes]]
@@ -196,17 +200,23 @@ class Deliveries:
             await batch
             raise
 
-    async def _next_entries(self, reclaim: bool) -> list[tuple[str, bytes]]:
-        await self.store.release_due(self._retry, self._queue, time.time(), BATCH * 4)
-        entries = await self.store.queue_read(self._queue, self.consumer, BATCH)
-        if reclaim:
-            idle_ms = int(max(60.0, 3 * self.config.timeout_s) * 1000)
-            entries += await self.store.queue_reclaim(self._queue, self.consumer, idle_ms, BATCH)
-        return entries
+    async def _idle(self) -> None:
+        """Nothing to deliver: wait a moment, or until this worker queues something."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(IDLE_POLL_S):
+                await self._wake.wait()
 
-    async def _update_gauges(self) -> None:
-        for state in ("pending", "dead"):
-            WEBHOOK_QUEUE.labels(state).set(await self.store.schedule_size(self._index(state)))
+    async def _refresh_gauges(self) -> None:
+        """The queue's depth, every few seconds (every worker reads the same fleet-wide
+        numbers; the gauge keeps the highest)."""
+        if time.monotonic() < self._gauges_at:
+            return
+        self._gauges_at = time.monotonic() + GAUGE_EVERY_S
+        with contextlib.suppress(StoreError):
+            for state in ("pending", "dead"):
+                size = await self.store.schedule_size(self._index(state))
+                WEBHOOK_QUEUE.labels(state).set(size)
 
     async def _handle(self, session: aiohttp.ClientSession, entry: tuple[str, bytes]) -> None:
         entry_id, data = entry
