@@ -4,7 +4,8 @@
 prints every table, then a summary of the targets. ``python -m bench miss`` (etc.) runs one;
 ``python -m bench miss --help`` shows its options; options after the name go to that
 benchmark. ``profile`` (py-spy on the gateway under a cached-fetch or miss-path load) is a
-diagnostic, not part of ``all``.
+diagnostic, not part of ``all``; nor are ``faults`` (faults under load, about 5 minutes) and
+``soak`` (two workers under mixed traffic, 5 minutes by default).
 
 Exit code: 0 every target met, 1 a target missed, 2 a benchmark could not run.
 """
@@ -20,9 +21,11 @@ from bench import (
     amplification,
     cache_fetch,
     fanout,
+    faults,
     images,
     miss_fetch,
     profile_fetch,
+    soak,
     watcher,
 )
 from bench.common import (
@@ -51,8 +54,9 @@ BENCHES = {
     "images": Bench(images.parser, images.run, images.main),
     "watcher": Bench(watcher.parser, watcher.run, watcher.main),
 }
-# Not part of "all": a diagnostic for the cache benchmark, needs py-spy.
-EXTRA = {"profile": profile_fetch.main}
+# Not part of "all": a diagnostic for the cache benchmark, needs py-spy; and the fault and
+# soak runs, minutes each.
+EXTRA = {"profile": profile_fetch.main, "faults": faults.main, "soak": soak.main}
 ALIASES = {
     "amp": "amplification",
     "cache-fetch": "cache",

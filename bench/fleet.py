@@ -10,7 +10,6 @@ in seconds.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -38,28 +37,13 @@ from bench.common import (
     start_sim,
     wait_http,
 )
+from tests.deployed import rss_mb
 from tests.garbage_upstream import GarbageProcess
+from tests.gunicorn_support import worker_pids
 
-__all__ = ["Fleet", "Redis", "fleet", "open_fds", "rss_mb", "seed_tasks"]
+__all__ = ["Fleet", "Redis", "fleet", "seed_tasks"]
 
 GUNICORN = Path(sys.executable).parent / "gunicorn"
-
-
-def rss_mb(pid: int) -> float:
-    """A process's resident memory in MB, 0 if it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return 0.0
-    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
-
-
-def open_fds(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except FileNotFoundError:
-        return 0
 
 
 class Redis:
@@ -113,8 +97,7 @@ class Fleet:
     log: Path
 
     def workers(self) -> list[int]:
-        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        return sorted(int(pid) for pid in path.read_text().split())
+        return sorted(worker_pids(self.pid))
 
     def rss(self) -> dict[int, float]:
         return {pid: rss_mb(pid) for pid in self.workers()}

@@ -29,7 +29,8 @@ from bench.common import (
     print_table,
     run_bench,
 )
-from bench.fleet import fleet, open_fds, rss_mb, seed_tasks
+from bench.fleet import fleet, seed_tasks
+from tests.deployed import open_fds, rss_mb
 from tests.load import Answer, MixedLoad
 
 __all__ = ["main", "parser", "run", "slope_per_minute"]

@@ -205,10 +205,11 @@ class TaskCache:
         by_ttl: dict[int, dict[str, bytes]] = {}
         bodies: list[bytes] = []
         for upstream, task, body in answers:
-            for listener in self.listeners:
-                listener(upstream, task)
+            # Rewritten first: listeners (events, callbacks) pass the task on as answered.
             if self.images.rewrite(task):
                 body = orjson.dumps(task)
+            for listener in self.listeners:
+                listener(upstream, task)
             bodies.append(body)
             links_expire = self.images.admit(upstream, task)
             task_id = task["id"]

@@ -129,31 +129,32 @@ class TaskEvents:
             return []
 
     async def _record(self, states: Sequence[tuple[dict[str, Any], bytes]]) -> list[str]:
-        appended: list[tuple[str, bytes, bytes] | None] = []
+        previous: list[bytes | None] = []
         for start in range(0, len(states), _APPEND_BATCH):
             chunk = states[start : start + _APPEND_BATCH]
-            appended += await asyncio.gather(*(self._append(t, body) for t, body in chunk))
-        changed = [entry for entry in appended if entry is not None]
+            previous += await asyncio.gather(*(self._append(t, body) for t, body in chunk))
+        changed = [
+            (t, body, p) for (t, body), p in zip(states, previous, strict=True) if p is not None
+        ]
         if not changed:
             return []
-        ids = [task_id for task_id, _, _ in changed]
+        ids = [str(task["id"]) for task, _, _ in changed]
         await self.store.publish(self.channel, ",".join(ids).encode())
         callbacks = [
-            (task_id, body, is_terminal(body))
-            for task_id, body, previous in changed
-            if previous.split(b"|", 1)[0] != _status_of(body)
+            (str(task["id"]), body, task.get("status") in TERMINAL)
+            for task, body, mark in changed
+            if mark.split(b"|", 1)[0].decode() != str(task.get("status") or "")
         ]
         if callbacks:
             await self.deliveries.status_changed(callbacks)
         return ids
 
-    async def _append(self, task: dict[str, Any], body: bytes) -> tuple[str, bytes, bytes] | None:
-        """``(task id, body, the previous mark)`` when the state was appended."""
-        task_id = str(task["id"])
+    async def _append(self, task: dict[str, Any], body: bytes) -> bytes | None:
+        """The mark of the state before this one, when this one was appended."""
         mark, order = state_mark(task)
-        key = self.keys.task_events(task_id)
+        key = self.keys.task_events(str(task["id"]))
         appended = await self.store.log_append(key, mark, order, body, LOG_ENTRIES, LOG_TTL_MS)
-        return None if appended is None else (task_id, body, appended[1])
+        return None if appended is None else appended[1]
 
     async def after(self, task_id: str, after: str) -> list[TaskEvent]:
         """The task's logged states after the event id ``after`` (all when empty)."""
@@ -163,11 +164,6 @@ class TaskEvents:
     async def latest(self, task_id: str) -> TaskEvent | None:
         last = await self.store.log_last(self.keys.task_events(task_id))
         return TaskEvent(*last) if last is not None else None
-
-
-def _status_of(body: bytes) -> bytes:
-    task = orjson.loads(body)
-    return str(task.get("status") or "").encode() if isinstance(task, dict) else b""
 
 
 class StreamTokens:

@@ -106,24 +106,27 @@ def action_of(kind: str, data: dict[str, Any]) -> str:
 
 def parse_day(text: str, what: str) -> date:
     """A UTC date from ``YYYY-MM-DD`` or an ISO-8601 time (its UTC day); else 400."""
-    return datetime.fromtimestamp(_parse_instant(text, what) / 1000, UTC).date()
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text)
+        return _parse_instant(text).astimezone(UTC).date()
+    except (ValueError, OverflowError):
+        raise GatewayError(400, f"{what} must be YYYY-MM-DD or an ISO-8601 time") from None
 
 
 def parse_time_ms(text: str, what: str) -> int:
     """Epoch milliseconds from digits or an ISO-8601 time (UTC unless it says); else 400."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
-    return _parse_instant(text, what)
-
-
-def _parse_instant(text: str, what: str) -> int:
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise GatewayError(400, f"{what} must be YYYY-MM-DD or an ISO-8601 time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+        return int(_parse_instant(text).timestamp() * 1000)
+    except (ValueError, OverflowError):
+        raise GatewayError(400, f"{what} must be epoch ms or an ISO-8601 time") from None
+
+
+def _parse_instant(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _day_of(ms: int) -> str:
@@ -300,11 +303,11 @@ class Ledger:
 
     async def usage(self, query: UsageQuery) -> list[dict[str, Any]]:
         """Counts per group over whole UTC days ``start..end`` inside the retention window."""
-        oldest = datetime.fromtimestamp((time.time() * 1000 - self.retention_ms) / 1000, UTC)
-        start = max(query.start, oldest.date())
-        days = [
-            (start + timedelta(days=n)).isoformat() for n in range((query.end - start).days + 1)
-        ]
+        now = time.time()
+        oldest = datetime.fromtimestamp(now - self.retention_ms / 1000, UTC).date()
+        start = max(query.start, oldest)
+        end = min(query.end, datetime.fromtimestamp(now, UTC).date())
+        days = [(start + timedelta(days=n)).isoformat() for n in range((end - start).days + 1)]
         counts = await self.store.read_records([self.keys.usage_day(d) for d in days])
         rows: dict[tuple[str, ...], dict[str, int]] = {}
         for day, fields in zip(days, counts, strict=True):

@@ -140,7 +140,10 @@ def _path_parameters(path: str) -> list[Schema]:
         "n": ("Which of the task's `imageUrls`, from 0.", {"type": "integer", "minimum": 0}),
         "upstream": ("The pushing upstream's name.", {"type": "string"}),
         "token": ("The upstream's push token, made by mjgate.", {"type": "string"}),
-        "delivery_id": ("A delivery's webhook-id (msg_...).", {"type": "string"}),
+        "delivery_id": (
+            "A delivery's webhook-id.",
+            {"type": "string", "pattern": "^msg_[A-Za-z0-9_-]{1,64}$"},
+        ),
     }
     params = []
     for name, (description, schema) in shapes.items():
@@ -322,17 +325,25 @@ def _purge(config: Config) -> Schema:
     )
 
 
-def _query_parameters(names: dict[str, str]) -> list[Schema]:
+def _query_parameters(
+    names: dict[str, str], schemas: dict[str, Schema] | None = None
+) -> list[Schema]:
+    """Optional query parameters: a description each, and a schema (a string unless given)."""
     return [
         {
             "name": name,
             "in": "query",
             "required": False,
             "description": text,
-            "schema": {"type": "string"},
+            "schema": (schemas or {}).get(name, {"type": "string"}),
         }
         for name, text in names.items()
     ]
+
+
+_GROUP = "(day|client|action|upstream)"
+_CLIENT_PARAM: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
+_EPOCH_MS: Schema = {"type": "string", "pattern": "^[0-9]{1,15}$"}
 
 
 def _usage(config: Config) -> Schema:
@@ -348,7 +359,14 @@ def _usage(config: Config) -> Schema:
             "client": "Only this client.",
             "group_by": "day, client, action, upstream, or several joined by commas.",
             "format": "json (default) or csv.",
-        }
+        },
+        {
+            "from": {"type": "string", "format": "date"},
+            "to": {"type": "string", "format": "date"},
+            "client": _CLIENT_PARAM,
+            "group_by": {"type": "string", "pattern": f"^{_GROUP}(,{_GROUP})*$"},
+            "format": {"enum": ["json", "csv"]},
+        },
     )
     return operation
 
@@ -372,7 +390,17 @@ def _task_log(config: Config) -> Schema:
             "limit": "At most this many (1-1000, default 100).",
             "cursor": "next_cursor of the previous page.",
             "state": "stuck: tasks not finished ledger.stuck_after_s after their submit.",
-        }
+        },
+        {
+            "client": _CLIENT_PARAM,
+            "status": {"enum": sorted(STATUSES)},
+            "action": {"type": "string", "pattern": "^[A-Z][A-Z_]{0,31}$"},
+            "since": _EPOCH_MS,
+            "until": _EPOCH_MS,
+            "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "cursor": {"type": "string", "pattern": "^[0-9]{1,15}[.][a-z0-9_-]+/[A-Za-z0-9_-]+$"},
+            "state": {"enum": ["stuck"]},
+        },
     )
     return operation
 
@@ -478,9 +506,22 @@ def _webhooks(config: Config) -> Schema:
         _json(listing, "The deliveries, oldest first."),
         (*_CALLER, 403, 503),
     )
-    operation["parameters"] = _query_parameters(
-        {"state": "pending (default) or dead.", "limit": "At most this many (1-1000)."}
-    )
+    operation["parameters"] = [
+        {
+            "name": "state",
+            "in": "query",
+            "required": False,
+            "description": "pending (default) or dead.",
+            "schema": {"enum": ["pending", "dead"]},
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": "At most this many (default 100).",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+        },
+    ]
     return operation
 
 

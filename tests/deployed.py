@@ -22,18 +22,13 @@ import httpx
 import orjson
 import yaml
 
+from tests.gunicorn_support import worker_pids
 from tests.support import free_port, wait_until
 
-__all__ = ["Deployed", "deployed_gunicorn", "open_fds", "rss_mb", "worker_pids"]
+__all__ = ["Deployed", "deployed_gunicorn", "open_fds", "rss_mb"]
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
-
-
-def worker_pids(master_pid: int) -> list[int]:
-    """The direct children of a gunicorn master, from /proc."""
-    path = Path(f"/proc/{master_pid}/task/{master_pid}/children")
-    return [int(pid) for pid in path.read_text().split()]
 
 
 def rss_mb(pid: int) -> float:

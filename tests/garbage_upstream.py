@@ -29,6 +29,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -49,6 +50,7 @@ BROKEN = (
 )
 MODES = ("off", "mixed", "echo-key", *BROKEN)
 _FETCH = re.compile(r"/task/([^/]+)/fetch$")
+ROOT = Path(__file__).resolve().parent.parent
 _HEAD_LIMIT = 1 << 20
 DRIP_INTERVAL_S = 0.2
 
@@ -286,7 +288,7 @@ class GarbageProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
         )
         self.wait_ready()
 

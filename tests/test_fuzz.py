@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -28,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.protocol import TASK_ID_PATTERN
+from tests.deployed import rss_mb
 from tests.gunicorn_support import GatewayProcess, gateway_process
 from tests.load import is_error_envelope
 from tests.rawhttp import Reply, exchange, request_bytes
@@ -51,7 +51,7 @@ _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _VALID = re.compile(TASK_ID_PATTERN)
 
 FAST = settings(
-    max_examples=25,
+    max_examples=15,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -665,11 +665,6 @@ def test_a_body_that_drips_is_cut(gateway: GatewayProcess, untouched: Any) -> No
     head = request_bytes("POST", LIST_TARGET, [AUTH, ("Content-Length", "100000")])
     ended = held_open(port_of(gateway), 10, head, b"1", CUT_WITHIN_S + 1)
     assert max(ended) <= CUT_WITHIN_S, f"{sum(e > CUT_WITHIN_S for e in ended)} of 10 still open"
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) / 1024
 
 
 def test_unfinished_huge_headers_cost_no_memory(gateway: GatewayProcess, untouched: Any) -> None:

@@ -40,6 +40,24 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "mjgate_submits": ("counter", ("upstream", "code")),
     "mjgate_tasks_finished": ("counter", ("upstream", "status")),
     "mjgate_task_duration_seconds": ("histogram", ("upstream",)),
+    "mjgate_images_served": ("counter", ("source",)),
+    "mjgate_image_bytes_served": ("counter", ("source",)),
+    "mjgate_image_fetches": ("counter", ("outcome",)),
+    "mjgate_image_fetch_duration_seconds": ("histogram", ()),
+    "mjgate_images_rehosted": ("counter", ()),
+    "mjgate_image_disk_bytes": ("gauge", ()),
+    # The watcher and task events, webhooks, and the ledger (usage, quotas, dedup).
+    "mjgate_watcher_leader": ("gauge", ()),
+    "mjgate_watched_tasks": ("gauge", ("upstream",)),
+    "mjgate_event_streams": ("gauge", ()),
+    "mjgate_webhook_deliveries": ("counter", ("outcome",)),
+    "mjgate_webhook_delivery_duration_seconds": ("histogram", ()),
+    "mjgate_webhook_queue_depth": ("gauge", ("state",)),
+    "mjgate_caller_submits": ("counter", ("client", "action")),
+    "mjgate_caller_tasks_finished": ("counter", ("client", "action", "status")),
+    "mjgate_quota_refused": ("counter", ("client", "quota")),
+    "mjgate_deduplicated_submits": ("counter", ()),
+    "mjgate_stuck_tasks": ("gauge", ("upstream",)),
 }
 LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5]
 LATENCY_BUCKETS += [1, 2.5, 5, 10, 30]

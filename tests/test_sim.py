@@ -574,6 +574,7 @@ def test_faults_change_at_run_time() -> None:
         "queue_full_rate",
         "failure_rate",
         "task_seconds",
+        "echo_key",
     }
     assert client.get("/mj/task/list").status_code == 500
     client.post("/_sim/faults", json={"error_rate": 0, "queue_full_rate": 1})

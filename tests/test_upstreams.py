@@ -215,14 +215,23 @@ async def test_refused_connection_is_connect_and_not_sent() -> None:
     assert secret not in str(error)
 
 
-async def test_hanging_upstream_is_timeout_and_sent(sims: list[SimProcess]) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "route"),
+    [("GET", FETCH_PATH, "fetch"), ("POST", "/mj/submit/imagine", "submit")],
+    ids=["pooled-read", "submit-on-its-own-connection"],
+)
+async def test_hanging_upstream_is_timeout_and_sent(
+    sims: list[SimProcess], method: str, path: str, route: str
+) -> None:
     java = sims[0]
     java.faults(timeout_rate=1, hang_s=3)
     async with opened(for_sim(java, timeout_s=0.5)) as upstream:
         with pytest.raises(UpstreamError) as caught:
-            await upstream.request("GET", "/mj/task/1/fetch", route="fetch", request_id="r")
+            body = b"{}" if method == "POST" else None
+            await upstream.request(method, path, route=route, request_id="r", body=body)
     error = caught.value
     assert (error.upstream, error.kind, error.sent) == (java.name, "timeout", True)
+    assert error.description.endswith("timed out after the request was sent")
     # The request did arrive: repeating it elsewhere could buy the same image twice.
     assert java.stats()["total"] == 1
 

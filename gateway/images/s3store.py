@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+import aiohttp
 import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -74,7 +75,7 @@ class S3Store:
             if exc.response.get("Error", {}).get("Code") not in _MISSING:
                 log.warning("s3_error", operation="get", error=str(exc))
             return None
-        except (BotoCoreError, OSError) as exc:
+        except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
             log.warning("s3_error", operation="get", error=str(exc))
             return None
         return answer.get("ContentType")
@@ -87,7 +88,7 @@ class S3Store:
             await self._client.put_object(
                 Bucket=self.config.bucket, Key=self._key(key), Body=body, ContentType=content_type
             )
-        except (BotoCoreError, ClientError, OSError) as exc:
+        except (BotoCoreError, ClientError, aiohttp.ClientError, OSError) as exc:
             log.warning("s3_error", operation="put", error=str(exc))
             return False
         return True

@@ -101,6 +101,10 @@ class ImageService:
             await self.s3.open()
 
     async def aclose(self) -> None:
+        flights = list(self._flights.values())
+        for flight in flights:
+            flight.cancel()
+        await asyncio.gather(*flights, return_exceptions=True)
         await self.fetcher.aclose()
         if self.s3 is not None:
             await self.s3.aclose()
@@ -181,19 +185,22 @@ class ImageService:
         return self.rewriter is not None and self.rewriter.rewrite(task, time.time())
 
     def admit(self, upstream: str, task: dict[str, Any]) -> int | None:
-        expiries: list[int] = []
+        links = original_links(task)
+        kept: set[str] = set()
+        task_id = task.get("id")
+        if self.config.rehost and task.get("status") == "SUCCESS" and isinstance(task_id, str):
+            for _, link in links:
+                if self._keep(upstream, task_id, link):
+                    kept.add(link)
+        expiries = [
+            expiry
+            for n, link in links
+            if n is None and link not in kept and (expiry := image_expiry({"imageUrl": link}))
+        ]
         url = task.get("imageUrl")
         if self.rewriter is not None and isinstance(url, str):
             signed = signed_expiry(url)
             expiries += [signed] if signed is not None else []
-        task_id = task.get("id")
-        kept: set[str] = set()
-        if self.config.rehost and task.get("status") == "SUCCESS" and isinstance(task_id, str):
-            kept = {link for _, link in original_links(task) if self._keep(upstream, task_id, link)}
-        for n, link in original_links(task):
-            if n is None and link not in kept:
-                cdn = image_expiry({"imageUrl": link})
-                expiries += [cdn] if cdn is not None else []
         return min(expiries, default=None)
 
     def _keep(self, upstream: str, task_id: str, url: str) -> bool:
