@@ -200,7 +200,7 @@ def standard_sims() -> list[SimProcess]:
 def config_data(sims: list[SimProcess], redis_url: str = "", **sections: Any) -> dict[str, Any]:
     """A config document with callers alice (every upstream) and bob (the first upstream
     only), generous limits (tests of the limits set their own), no duplicate-submit window
-    (tests of it set their own) and a fresh key prefix."""
+    and no watcher (tests of them set their own) and a fresh key prefix."""
     data: dict[str, Any] = {
         "redis": {"url": redis_url, "key_prefix": f"t{uuid.uuid4().hex[:12]}"},
         "upstreams": [s.upstream_config() for s in sims],
@@ -211,6 +211,8 @@ def config_data(sims: list[SimProcess], redis_url: str = "", **sections: Any) ->
         "fanout": {"deadline_s": 3},
         "rate_limit": {"default": {"rps": 10000, "burst": 10000}},
         "submit": {"dedup_window_s": 0},
+        # Off unless a test turns it on: its polls would add to what tests count upstream.
+        "watcher": {"enabled": False},
     }
     data.update(sections)
     return data

@@ -44,6 +44,10 @@ def component(module: str) -> str | None:
     return parts[1] if len(parts) > 1 else ""
 
 
+def is_module(name: str) -> bool:
+    return (PACKAGE / f"{name}.py").exists() or (PACKAGE / name).is_dir()
+
+
 def imported_components(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), str(path))
     found: set[str] = set()
@@ -53,8 +57,11 @@ def imported_components(path: Path) -> set[str]:
             modules = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             modules = [node.module]
-            if node.module == "gateway":
-                modules = [f"gateway.{alias.name}" for alias in node.names]
+            if node.module == "gateway":  # a sub-module, or a name of the package's own
+                modules = [
+                    f"gateway.{alias.name}" if is_module(alias.name) else "gateway"
+                    for alias in node.names
+                ]
         found.update(c for m in modules if (c := component(m)) is not None)
     return found
 
