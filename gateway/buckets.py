@@ -1,4 +1,4 @@
-"""Token buckets and slot counters, as Redis Lua scripts and their in-memory twins.
+"""Token buckets and outbound leases, as Redis Lua scripts and their in-memory twins.
 
 A bucket holds up to ``burst`` tokens and gains ``rate`` tokens a second. A taker asks for a
 lease of up to ``want`` tokens; it gets at most an eighth of what is left (at least one while
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 __all__ = [
     "LEASE_DIVISOR",
-    "OUTBOUND_LUA",
+    "SLOTS_LEASE_LUA",
     "TAKE_LUA",
     "Grant",
     "MemoryBucket",
-    "MemoryOutbound",
+    "MemorySlots",
 ]
 
 LEASE_DIVISOR = 8
@@ -45,26 +45,26 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return {granted, tostring(tokens)}
 """
 
-# Outbound caps in one round trip. KEYS[1] rate bucket (burst 1: requests spaced at least
-# 1/rate apart, so no second ever sees more than `rate`), KEYS[2] in-flight slot set.
-# ARGV rate, holder, limit, ttl_ms. Returns 0 when admitted, else milliseconds to wait.
-# Holders that died without releasing their slot expire after ttl_ms.
-OUTBOUND_LUA = """
+# Outbound in-flight slots, leased in blocks. KEYS[1] is a sorted set of held slots scored by
+# their expiry (a worker that dies frees its slots then). ARGV holder, first, want, limit,
+# ttl_ms: up to ``want`` slots named holder:first, holder:first+1, ...; an eighth of the free
+# ones (at least one while any is free). Returns how many were leased.
+SLOTS_LEASE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local rate, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= limit then
-  return 10
+local first, want = tonumber(ARGV[2]), tonumber(ARGV[3])
+local limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = limit - redis.call('ZCARD', KEYS[1])
+if free <= 0 then
+  return 0
 end
-local next_at = tonumber(redis.call('GET', KEYS[1]) or '0')
-if next_at > now then
-  return math.ceil(next_at - now)
+local n = math.min(want, math.max(1, math.floor(free / 8)))
+for i = 0, n - 1 do
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1] .. ':' .. (first + i))
 end
-redis.call('SET', KEYS[1], tostring(now + 1000 / rate), 'PX', math.ceil(1000 / rate) + 1000)
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ttl + 1000)
-return 0
+redis.call('PEXPIRE', KEYS[1], ttl + 1000)
+return n
 """
 
 
@@ -103,21 +103,22 @@ class MemoryBucket:
         return Grant(granted, self.tokens)
 
 
-class MemoryOutbound:
-    """The in-process twin of ``OUTBOUND_LUA`` (times in milliseconds)."""
+class MemorySlots:
+    """The in-process twin of ``SLOTS_LEASE_LUA`` (times in milliseconds)."""
 
-    __slots__ = ("holders", "next_at")
+    __slots__ = ("held",)
 
     def __init__(self) -> None:
-        self.holders: dict[str, float] = {}
-        self.next_at = 0.0
+        self.held: dict[str, float] = {}
 
-    def acquire(self, now_ms: float, rate: float, holder: str, limit: int, ttl_ms: int) -> int:
-        self.holders = {h: t for h, t in self.holders.items() if t > now_ms}
-        if len(self.holders) >= limit:
-            return 10
-        if self.next_at > now_ms:
-            return math.ceil(self.next_at - now_ms)
-        self.next_at = now_ms + 1000 / rate
-        self.holders[holder] = now_ms + ttl_ms
-        return 0
+    def lease(
+        self, now_ms: float, holder: str, first: int, want: int, limit: int, ttl_ms: int
+    ) -> int:
+        self.held = {slot: t for slot, t in self.held.items() if t > now_ms}
+        free = limit - len(self.held)
+        if free <= 0:
+            return 0
+        granted = min(want, max(1, free // LEASE_DIVISOR))
+        for seq in range(first, first + granted):
+            self.held[f"{holder}:{seq}"] = now_ms + ttl_ms
+        return granted

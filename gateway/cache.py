@@ -12,7 +12,6 @@ and one MGET reads a task's owner, not-found mark and bodies in a single round t
 
 from __future__ import annotations
 
-import contextlib
 import re
 import struct
 import time
@@ -195,7 +194,8 @@ class TaskCache:
         answers: Iterable[tuple[str, dict[str, Any], bytes]],
         running_ttl_ms: int | None = None,
     ) -> list[bytes]:
-        """Cache fresh upstream answers ``(upstream, task, exact body)`` in both tiers; the
+        """Cache fresh upstream answers ``(upstream, task, exact body)`` in L1 now and in the
+        store off the request path (``Store.write_later``); the
         bodies to answer with, in order: the upstream's bytes, or the task re-encoded when the
         image hook rewrote it (so every later hit is served these bytes as they are).
 
@@ -230,7 +230,7 @@ class TaskCache:
             by_ttl.setdefault(int(ttl_s * 1000), {})[self.keys.task(upstream, task_id)] = (
                 header + body
             )
-        await self._write(by_ttl)
+        self._write(by_ttl)
         return bodies
 
     async def put_not_found(self, missing: Mapping[str, Iterable[str]]) -> None:
@@ -239,13 +239,14 @@ class TaskCache:
             self.keys.not_found(task_id): ",".join(sorted(upstreams)).encode()
             for task_id, upstreams in missing.items()
         }
-        await self._write({self.config.not_found_ttl_ms: items})
+        self._write({self.config.not_found_ttl_ms: items})
 
-    async def _write(self, by_ttl: dict[int, dict[str, bytes]]) -> None:
-        with contextlib.suppress(StoreError):  # logged and counted by the store
-            for ttl_ms, items in by_ttl.items():
-                if ttl_ms > 0 and items:
-                    await self.store.set_many(items, ttl_ms)
+    def _write(self, by_ttl: dict[int, dict[str, bytes]]) -> None:
+        """Off the request path: L1 already answers this worker's next request, and a
+        single flight covers the ones waiting meanwhile."""
+        for ttl_ms, items in by_ttl.items():
+            if ttl_ms > 0 and items:
+                self.store.write_later(items, ttl_ms)
 
     async def invalidate(self, task_ids: Iterable[str], upstreams: Sequence[str]) -> bool:
         """Drop ids from this process's L1 and from the store (hence from every worker's L1

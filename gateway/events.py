@@ -38,7 +38,6 @@ __all__ = [
     "StreamTokens",
     "TaskEvent",
     "TaskEvents",
-    "is_terminal",
     "state_mark",
 ]
 
@@ -65,16 +64,11 @@ class TaskEvent:
 
     @property
     def terminal(self) -> bool:
-        return is_terminal(self.body)
-
-
-def is_terminal(body: bytes) -> bool:
-    """Is this task JSON in a final status?"""
-    try:
-        task = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(task, dict) and task.get("status") in TERMINAL
+        try:
+            task = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(task, dict) and task.get("status") in TERMINAL
 
 
 def state_mark(task: dict[str, Any]) -> tuple[bytes, int]:

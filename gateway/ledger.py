@@ -60,7 +60,7 @@ DAY_MS = 86_400_000
 _SEEN_ENTRIES = 10_000
 _SCAN_BATCH = 200
 _AFTER_EVERY_MEMBER = "~"  # sorts after every member: ids and upstream names are [A-Za-z0-9_-]
-_CURSOR = re.compile(r"([0-9]{1,16})\.([a-z0-9_-]+/[A-Za-z0-9_-]+)")
+_CURSOR = re.compile(r"([0-9]{1,15})\.([a-z0-9_-]+/[A-Za-z0-9_-]+)")
 
 # The action a submit route starts, as upstreams name it; a button (``customId``) decides
 # for ``action``. Labels stay bounded: anything else is OTHER.

@@ -269,6 +269,16 @@ def _submit(name: str, summary: str) -> Callable[[Config], Schema]:
             (*_CALLER, *_BODY, *_UPSTREAM, 422),
             _body(_ref("SubmitBody")),
         )
+        operation["parameters"] = [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "The same key again within 24 h gets the first answer (with "
+                "X-Mjgate-Deduplicated: true) and sends nothing; with another request, 422.",
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,255}$"},
+            }
+        ]
         operation["responses"].update({"400": refused, "404": refused})
         return operation
 

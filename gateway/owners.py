@@ -110,18 +110,15 @@ class OwnerMap:
         await self.record_many({task_id: upstream})
 
     async def record_many(self, owners: Mapping[str, str]) -> None:
-        """Remember owners found by lookups; a store failure is logged and the local copy
-        still kept. Neither copy loses a submitter it holds."""
+        """Remember owners found by lookups: locally now, in the store off the request path
+        (a failure there is logged by the store). Neither copy loses a submitter it holds."""
         fresh = {t: u for t, u in owners.items() if self.local(t) != u}
         if not fresh:
             return
         for task_id, upstream in fresh.items():
             self._local.set(task_id, Owner(upstream))
         items = {self._keys.owner(t): Owner(u).encode() for t, u in fresh.items()}
-        try:
-            await self._store.set_many_if_absent(items, self._ttl_ms)
-        except StoreError as exc:
-            log.warning("store_error", operation="owner_write", error=str(exc))
+        self._store.write_later(items, self._ttl_ms, if_absent=True)
 
     async def record_submit(self, task_id: str, owner: Owner) -> None:
         """Remember the owner and submitter of a submit mjgate saw accepted."""

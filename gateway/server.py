@@ -1,4 +1,4 @@
-"""Running the gateway in one process with uvicorn (gunicorn uses ``gateway.app:factory``)."""
+"""Running the gateway in one process with uvicorn (gunicorn uses ``gateway.master``)."""
 
 from __future__ import annotations
 

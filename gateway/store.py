@@ -26,7 +26,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.buckets import OUTBOUND_LUA, TAKE_LUA, Grant, MemoryBucket, MemoryOutbound
+from gateway.buckets import (
+    SLOTS_LEASE_LUA,
+    TAKE_LUA,
+    Grant,
+    MemoryBucket,
+    MemorySlots,
+)
 from gateway.config import RedisConfig
 from gateway.errors import StoreError
 from gateway.metrics import STORE_ERRORS
@@ -53,6 +59,8 @@ _FAIL_FAST_S = 1.0
 # At most one log line per operation this often while a store fails; each line counts the
 # errors it stands for, and the line saying the store is back counts the rest.
 _LOG_EVERY_S = 1.0
+# How long closing waits for queued writes.
+_CLOSE_FLUSH_S = 5.0
 # One more try, on a new connection, for a command whose pooled connection turned out closed
 # (Redis restarted): that costs nothing, unlike a retry on a slow Redis.
 _RETRY = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
@@ -71,13 +79,24 @@ class Store(Protocol):
         self, key: str, rate: float, burst: int, want: int, refund: int
     ) -> Grant: ...
 
-    async def acquire_outbound(
-        self, bucket_key: str, slots_key: str, rate: float, holder: str, limit: int, ttl_ms: int
-    ) -> int:
-        """Take a rate token and an in-flight slot; 0 when taken, else ms to wait."""
+    def write_later(self, items: Mapping[str, bytes], ttl_ms: int, if_absent: bool = False) -> None:
+        """Set these keys off the request path (with ``if_absent``, only where a key holds no
+        value): writes queued meanwhile go out together in one round trip. A failure is
+        counted and logged like any other; nobody waits for it."""
         ...
 
-    async def release_slot(self, key: str, holder: str) -> None: ...
+    async def flush(self) -> None:
+        """Wait until every write queued so far by ``write_later`` is done (or failed)."""
+        ...
+
+    async def lease_slots(
+        self, key: str, holder: str, first: int, want: int, limit: int, ttl_ms: int
+    ) -> int:
+        """Lease up to ``want`` in-flight slots named ``holder:first``, ``holder:first+1``...
+        out of ``limit``, each expiring after ``ttl_ms``; how many were leased."""
+        ...
+
+    async def release_slots(self, key: str, slots: Sequence[str]) -> None: ...
 
     # -- the ledger's records, indexes and counters, and quotas (see gateway.records) ----------
 
@@ -285,7 +304,7 @@ class MemoryStore:
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._max_keys = max_keys
         self._buckets: dict[str, MemoryBucket] = {}
-        self._outbound: dict[str, MemoryOutbound] = {}
+        self._slots: dict[str, MemorySlots] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         self._channels: dict[str, set[asyncio.Queue[bytes]]] = {}
         self._logs: OrderedDict[str, MemoryLog] = OrderedDict()
@@ -329,18 +348,27 @@ class MemoryStore:
             bucket = self._buckets[key] = MemoryBucket(burst, now)
         return bucket.take(now, rate, burst, want, refund)
 
-    async def acquire_outbound(
-        self, bucket_key: str, slots_key: str, rate: float, holder: str, limit: int, ttl_ms: int
-    ) -> int:
-        caps = self._outbound.get(slots_key)
-        if caps is None:
-            caps = self._outbound[slots_key] = MemoryOutbound()
-        return caps.acquire(time.monotonic() * 1000, rate, holder, limit, ttl_ms)
+    def write_later(self, items: Mapping[str, bytes], ttl_ms: int, if_absent: bool = False) -> None:
+        for key, value in items.items():
+            if not if_absent or self._get(key) is None:
+                self._set(key, value, ttl_ms)
 
-    async def release_slot(self, key: str, holder: str) -> None:
-        caps = self._outbound.get(key)
-        if caps is not None:
-            caps.holders.pop(holder, None)
+    async def flush(self) -> None:
+        return None
+
+    async def lease_slots(
+        self, key: str, holder: str, first: int, want: int, limit: int, ttl_ms: int
+    ) -> int:
+        slots = self._slots.get(key)
+        if slots is None:
+            slots = self._slots[key] = MemorySlots()
+        return slots.lease(time.monotonic() * 1000, holder, first, want, limit, ttl_ms)
+
+    async def release_slots(self, key: str, slots: Sequence[str]) -> None:
+        held = self._slots.get(key)
+        if held is not None:
+            for slot in slots:
+                held.held.pop(slot, None)
 
     async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
         if self._get(key) is not None:
@@ -521,7 +549,7 @@ class RedisStore:
         self._errors = _ErrorLog()
         # Script objects run EVALSHA and load the script again after a SCRIPT FLUSH.
         self._take = self._redis.register_script(TAKE_LUA)
-        self._outbound = self._redis.register_script(OUTBOUND_LUA)
+        self._slots_lease = self._redis.register_script(SLOTS_LEASE_LUA)
         self._lease = self._redis.register_script(LEASE_LUA)
         self._unlease = self._redis.register_script(UNLEASE_LUA)
         self._append = self._redis.register_script(APPEND_LUA)
@@ -530,6 +558,11 @@ class RedisStore:
         self._advance = self._redis.register_script(ADVANCE_LUA)
         self._reserve = self._redis.register_script(RESERVE_LUA)
         self._unreserve = self._redis.register_script(UNRESERVE_LUA)
+        self._queued: list[tuple[Mapping[str, bytes], int, bool]] = []
+        self._writer: asyncio.Task[None] | None = None
+        # Queued writes not yet acknowledged, (value, if_absent) by key: this worker reads
+        # its own writes at once, as it would have before they left the request path.
+        self._unwritten: dict[str, tuple[bytes, bool]] = {}
 
     @contextlib.contextmanager
     def _guard(self, operation: str, probe: bool = False) -> Iterator[None]:
@@ -565,7 +598,13 @@ class RedisStore:
                 values = await self._redis.mget_nonatomic(keys)
             else:
                 values = await self._redis.mget(keys)
-            return [_as_bytes(v) for v in values]
+        found = [_as_bytes(v) for v in values]
+        if self._unwritten:
+            for index, key in enumerate(keys):
+                unwritten = self._unwritten.get(key)
+                if unwritten is not None and (not unwritten[1] or found[index] is None):
+                    found[index] = unwritten[0]
+        return found
 
     async def set_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
         if not items:
@@ -579,9 +618,42 @@ class RedisStore:
                     pipe.set(key, value, px=ttl_ms)
                 await pipe.execute()
 
+    def write_later(self, items: Mapping[str, bytes], ttl_ms: int, if_absent: bool = False) -> None:
+        if not items or ttl_ms <= 0:
+            return
+        self._queued.append((items, ttl_ms, if_absent))
+        for key, value in items.items():
+            self._unwritten[key] = (value, if_absent)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_queued())
+
+    async def _write_queued(self) -> None:
+        """Write what was queued, batch after batch, until nothing is left: what requests
+        queue while one batch is on the wire goes out together in the next."""
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                with contextlib.suppress(StoreError), self._guard("write_later"):
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for items, ttl_ms, if_absent in batch:
+                            for key, value in items.items():
+                                pipe.set(key, value, px=ttl_ms, nx=if_absent)
+                        await pipe.execute()
+                for items, _, if_absent in batch:
+                    for key, value in items.items():
+                        if self._unwritten.get(key) == (value, if_absent):
+                            del self._unwritten[key]
+        finally:
+            self._writer = None
+
+    async def flush(self) -> None:
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+
     async def delete(self, keys: Sequence[str]) -> None:
         if not keys:
             return
+        await self.flush()  # so that no write queued earlier lands after the delete
         # One DEL per key: keys of different tasks live in different cluster slots.
         with self._guard("delete"):
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -594,16 +666,17 @@ class RedisStore:
             granted, left = await self._take(keys=[key], args=[rate, burst, want, refund])
         return Grant(int(granted), float(left))
 
-    async def acquire_outbound(
-        self, bucket_key: str, slots_key: str, rate: float, holder: str, limit: int, ttl_ms: int
+    async def lease_slots(
+        self, key: str, holder: str, first: int, want: int, limit: int, ttl_ms: int
     ) -> int:
         with self._guard("outbound"):
-            args: list[str | float] = [rate, holder, limit, ttl_ms]
-            return int(await self._outbound(keys=[bucket_key, slots_key], args=args))
+            args: list[str | int] = [holder, first, want, limit, ttl_ms]
+            return int(await self._slots_lease(keys=[key], args=args))
 
-    async def release_slot(self, key: str, holder: str) -> None:
-        with self._guard("release_slot"):
-            await self._redis.zrem(key, holder)
+    async def release_slots(self, key: str, slots: Sequence[str]) -> None:
+        if slots:
+            with self._guard("release_slot"):
+                await self._redis.zrem(key, *slots)
 
     async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
         with self._guard("set_if_absent"):
@@ -712,6 +785,9 @@ class RedisStore:
                 await self._redis.initialize()
 
     async def close(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_FLUSH_S):
+                await self.flush()
         await self._redis.aclose()
 
     async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:

@@ -122,13 +122,19 @@ class Upstream:
         forms = {form for k in (key, *secrets) if k for form in _spellings(k)}
         # Longest first, so that a key containing another is masked whole.
         self._secrets = tuple(sorted(forms, key=len, reverse=True))
-        self._pooled = self._client(fresh=False)
-        self._fresh = self._client(fresh=True)
+        self._base_url = config.base_url.rstrip("/")
+        timeout_s = config.timeout_s
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
+        self._extensions = {"timeout": timeout.as_dict()}
+        self._pooled = self._transport(fresh=False)
+        self._fresh = self._transport(fresh=True)
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name}>"
 
-    def _client(self, fresh: bool) -> httpx.AsyncClient:
+    def _transport(self, fresh: bool) -> AiohttpTransport:
+        """httpx's aiohttp transport, called directly: the client's per-request machinery
+        (auth flows, cookies, redirects, hooks, header merging) buys nothing here."""
         limit, tls = self.config.max_concurrency, _tls()
 
         def session() -> aiohttp.ClientSession:
@@ -141,14 +147,7 @@ class Upstream:
             single = aiohttp.TCPConnector(limit=limit, ssl=tls, force_close=True)
             return aiohttp.ClientSession(connector=single, trace_configs=[trace])
 
-        timeout_s = self.config.timeout_s
-        return httpx.AsyncClient(
-            base_url=self.config.base_url,
-            transport=AiohttpTransport(verify=tls, client=session),
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        return AiohttpTransport(verify=tls, client=session)
 
     async def request(
         self,
@@ -203,7 +202,7 @@ class Upstream:
             detail = "circuit open after repeated failures; not called until it recovers"
             raise UpstreamError(self.name, "open", False, detail)
         try:
-            holder = await self.caps.acquire(deadline)
+            slot = await self.caps.acquire(deadline)
         except Saturated:
             self.breaker.release_probe()
             detail = (
@@ -215,7 +214,7 @@ class Upstream:
             response = await self._send(method, path, headers, body, deadline, reads)
         finally:
             self.breaker.release_probe()
-            await self.caps.release(holder)
+            await self.caps.release(slot)
         if _is_failure(response.status):
             self.breaker.failure()
         else:
@@ -271,15 +270,18 @@ class Upstream:
 
     async def _exchange(
         self,
-        client: httpx.AsyncClient,
+        transport: AiohttpTransport,
         method: str,
         path: str,
         headers: list[tuple[str, str]],
         body: bytes | None,
     ) -> tuple[int, bytes, str]:
         """Status, scrubbed body and content type of one HTTP exchange."""
-        request = client.build_request(method, path, content=body, headers=headers)
-        response = await client.send(request, stream=True)
+        url = self._base_url + path if path.startswith("/") else f"{self._base_url}/{path}"
+        request = httpx.Request(
+            method, url, headers=headers, content=body, extensions=self._extensions
+        )
+        response = await transport.handle_async_request(request)
         try:
             status = response.status_code
             if not 200 <= status <= 599:
@@ -311,7 +313,7 @@ class Upstream:
         return data
 
     async def aclose(self) -> None:
-        await asyncio.gather(self._pooled.aclose(), self._fresh.aclose())
+        await asyncio.gather(self._pooled.aclose(), self._fresh.aclose(), self.caps.aclose())
 
 
 class _Inflater:

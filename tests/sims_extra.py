@@ -192,6 +192,8 @@ def config_for(upstreams: Sequence[dict[str, Any]], redis_url: str = "", **secti
         ],
         "fanout": {"deadline_s": 3},
         "submit": {"dedup_window_s": 0},
+        # Off unless a test turns it on: its polls would add to what tests count upstream.
+        "watcher": {"enabled": False},
     }
     data.update(sections)
     return config_from_dict(data, env={})

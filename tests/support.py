@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from gateway.app import create_app
+from gateway.server import uvicorn_config
 from gateway.config import Config
 from gateway.configfile import config_from_dict
 
@@ -228,16 +228,8 @@ class GatewayThread:
 
     def __init__(self, config: Config, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(config),
-                host="127.0.0.1",
-                port=self.port,
-                log_level="warning",
-                access_log=False,
-                lifespan="on",
-            )
-        )
+        # The settings `mjgate serve` uses (header bounds included), on a port of its own.
+        self.server = uvicorn.Server(uvicorn_config(config, "127.0.0.1", self.port))
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     @property

@@ -10,7 +10,7 @@ import redis.asyncio as redis
 from structlog.testing import capture_logs
 
 from gateway.config import RedisConfig, Secret
-from gateway.owners import OwnerMap
+from gateway.owners import Owner, OwnerMap
 from gateway.store import KeySpace, RedisStore, Store
 from tests.support import RedisProcess
 
@@ -147,3 +147,41 @@ async def test_store_failure_on_write_is_logged_and_the_local_copy_kept(
         assert await owners.get_many([a, b]) == {a: "java", b: "relay"}
     finally:
         await store.close()
+
+
+# -- the submitter kept with the owner (visibility) ------------------------------------------
+
+
+async def test_a_submitter_is_kept_with_its_owner(store: Store, keys: KeySpace) -> None:
+    owners = OwnerMap(store, keys, TTL_S, 100)
+    a = task_id()
+    await owners.record_submit(a, Owner("java", "alice", "red"))
+    assert await store.mget([keys.owner(a)]) == [b"java|alice|red"]
+    assert owners.local_owner(a) == Owner("java", "alice", "red")
+    assert owners.local(a) == "java" and await owners.get(a) == "java"
+    reader = OwnerMap(store, keys, TTL_S, 100)
+    assert reader.remember(a, "java|alice|red") == "java"
+    assert reader.local_owner(a) == Owner("java", "alice", "red")
+
+
+async def test_an_owner_found_by_a_lookup_never_hides_a_submitter(
+    store: Store, keys: KeySpace
+) -> None:
+    """A lookup on one worker may find a task while another records its submit: whichever
+    comes first, the submitter stays, and a worker that learned the owner without it reads
+    the store again when a submitter is needed."""
+    submitting = OwnerMap(store, keys, TTL_S, 100)
+    looking = OwnerMap(store, keys, TTL_S, 100)
+    first, second = task_id(), task_id()
+    await submitting.record_submit(first, Owner("java", "alice", ""))
+    await looking.record(first, "java")  # too late: the store keeps the submitter
+    await looking.record(second, "relay")
+    await submitting.record_submit(second, Owner("relay", "bob", "red"))
+    assert await store.mget([keys.owner(first), keys.owner(second)]) == [
+        b"java|alice|",
+        b"relay|bob|red",
+    ]
+    assert looking.local_owner(second) == Owner("relay")  # learned before the submit
+    found = await looking.owners([first, second], need_submitter=True)
+    assert found == {first: Owner("java", "alice", ""), second: Owner("relay", "bob", "red")}
+    assert looking.local_owner(second) == Owner("relay", "bob", "red")

@@ -166,17 +166,31 @@ class Deliveries:
             connector=connector, timeout=timeout, headers={"user-agent": _USER_AGENT}
         ) as session:
             while True:
+                # A round that started finishes even when the worker stops: the entries it
+                # read are delivered and their outcome recorded, instead of waiting for
+                # another worker to claim them.
+                round_ = asyncio.ensure_future(self._round(session))
                 try:
-                    entries = await self._next_entries()
-                except StoreError as exc:
-                    log.warning("store_error", operation="webhooks", error=str(exc))
-                    await asyncio.sleep(STORE_RETRY_S)
-                    continue
+                    read = await asyncio.shield(round_)
+                except asyncio.CancelledError:
+                    await round_
+                    raise
                 await self._refresh_gauges()
-                if entries:
-                    await self._deliver(session, entries)
-                else:
+                if read is None:
+                    await asyncio.sleep(STORE_RETRY_S)
+                elif read == 0:
                     await self._idle()
+
+    async def _round(self, session: aiohttp.ClientSession) -> int | None:
+        """Read what is due and deliver it; how many entries were read (None: the store
+        failed)."""
+        try:
+            entries = await self._next_entries()
+        except StoreError as exc:
+            log.warning("store_error", operation="webhooks", error=str(exc))
+            return None
+        await asyncio.gather(*(self._handle(session, entry) for entry in entries))
+        return len(entries)
 
     async def _next_entries(self) -> list[tuple[str, bytes]]:
         await self.store.release_due(self._retry, self._queue, time.time(), BATCH * 4)
@@ -186,19 +200,6 @@ class Deliveries:
             entries += await self.store.queue_reclaim(self._queue, self.consumer, idle_ms, BATCH)
             self._reclaim_at = time.monotonic() + RECLAIM_EVERY_S
         return entries
-
-    async def _deliver(
-        self, session: aiohttp.ClientSession, entries: list[tuple[str, bytes]]
-    ) -> None:
-        """Attempt each entry. Attempts under way when the worker stops are finished (they
-        are bounded by ``webhooks.timeout_s``), so their outcome is recorded instead of
-        waiting for another worker to claim the entry."""
-        batch = asyncio.gather(*(self._handle(session, entry) for entry in entries))
-        try:
-            await asyncio.shield(batch)
-        except asyncio.CancelledError:
-            await batch
-            raise
 
     async def _idle(self) -> None:
         """Nothing to deliver: wait a moment, or until this worker queues something."""
