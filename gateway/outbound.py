@@ -89,6 +89,7 @@ class OutboundCaps:
         self._returns: list[Slot] = []
         self._keeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._asking: set[str] = set()  # "rate", "slots": a store call not answered yet
 
     async def acquire(self, deadline: float | None = None) -> Slot:
         """An in-flight slot to pass to ``release``, after a rate token; raises Saturated
@@ -99,7 +100,12 @@ class OutboundCaps:
         """
         waited = time.monotonic() + self.config.queue_timeout_s
         deadline = waited if deadline is None else min(deadline, waited)
-        slot = self._take_idle(time.monotonic()) or await self._wait_slot(deadline)
+        slot = self._take_idle(time.monotonic())
+        if slot is None:
+            if self._taker is None and not self._tokens:
+                # Ask for tokens meanwhile: on a slow store both answers come in one wait.
+                self._taker = self._spawn(self._take_tokens(wait=True))
+            slot = await self._wait_slot(deadline)
         try:
             if not self._spend(time.monotonic()):
                 await self._wait_token(deadline)
@@ -144,16 +150,18 @@ class OutboundCaps:
         while True:
             if self._taker is None:
                 self._taker = self._spawn(self._take_tokens(wait=True))
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Saturated()
+            taker = self._taker
             try:
-                async with asyncio.timeout(left):
-                    await asyncio.shield(self._taker)
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await asyncio.shield(taker)
             except TimeoutError:
-                raise Saturated() from None
+                if "rate" not in self._asking:
+                    raise Saturated() from None
+                await asyncio.shield(taker)  # no answer yet: the store's timeout bounds it
             if self._spend(time.monotonic()):
                 return
+            if time.monotonic() >= deadline:
+                raise Saturated()
 
     async def _take_tokens(self, wait: bool) -> None:
         """One lease of rate tokens; when refused and ``wait``, sleep until the next token."""
@@ -161,6 +169,8 @@ class OutboundCaps:
             started = time.monotonic()
             args = (self._bucket, self._rate, self._burst, MAX_TOKENS, 0)
             grant = await self._call("rate", self.store.take_tokens, self._local.take_tokens, args)
+            if self._store_down:
+                started = time.monotonic()  # granted just now by the worker's own bucket
             if grant.granted > 0:
                 self._tokens.append([started + RATE_LEASE_S, float(grant.granted)])
                 self._last_grant = grant.granted
@@ -186,13 +196,17 @@ class OutboundCaps:
         if self._leaser is None:
             self._leaser = self._spawn(self._lease_slots())
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return await waiter
-        except BaseException as exc:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    return await asyncio.shield(waiter)
+            except TimeoutError:
+                if "slots" not in self._asking:
+                    raise Saturated() from None
+                return await asyncio.shield(waiter)  # no answer yet: the store's timeout bounds it
+        except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self._give(waiter.result(), time.monotonic())  # handed over as we gave up
-            if isinstance(exc, TimeoutError):
-                raise Saturated() from None
+            waiter.cancel()
             raise
 
     async def _lease_slots(self) -> None:
@@ -208,6 +222,8 @@ class OutboundCaps:
                     "slots", self.store.lease_slots, self._local.lease_slots, args
                 )
                 local = self._store_down
+                if local:
+                    started = time.monotonic()
                 for seq in range(first, first + granted):
                     slot = Slot(f"{self._holder}:{seq}", local, started + SLOT_LEASE_S)
                     self._give(slot, time.monotonic())
@@ -261,6 +277,7 @@ class OutboundCaps:
     async def _call(self, operation: str, shared: Any, local: Any, args: tuple[Any, ...]) -> Any:
         """``shared(*args)`` on the store; on a store failure ``local(*args)`` on this
         worker's own store, so that the worker caps itself until the store is back."""
+        self._asking.add(operation)
         try:
             result = await shared(*args)
         except StoreError as exc:
@@ -274,6 +291,8 @@ class OutboundCaps:
                     fallback="per-worker caps",
                 )
             return await local(*args)
+        finally:
+            self._asking.discard(operation)
         if self._store_down:
             self._store_down = False
             log.info("store_back", operation="outbound_caps", upstream=self.config.name)

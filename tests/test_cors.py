@@ -32,7 +32,7 @@ EXPOSED = {
     "ratelimit-reset",
     "retry-after",
 }
-REQUESTED = "content-type, mj-api-secret, authorization, x-request-id"
+REQUESTED = "content-type, mj-api-secret, authorization, x-request-id, last-event-id"
 
 
 def preflight(

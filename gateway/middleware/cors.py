@@ -19,7 +19,13 @@ from gateway.middleware.front import new_request_id
 
 __all__ = ["ALLOWED_HEADERS", "EXPOSED_HEADERS", "GatewayCors", "cors_middleware"]
 
-ALLOWED_HEADERS = ("mj-api-secret", "Authorization", "Content-Type", "X-Request-Id")
+ALLOWED_HEADERS = (
+    "mj-api-secret",
+    "Authorization",
+    "Content-Type",
+    "X-Request-Id",
+    "Last-Event-ID",  # fetch-based SSE clients resume with it
+)
 # Every header the gateway itself may add to an answer.
 EXPOSED_HEADERS = (
     "X-Request-Id",
