@@ -134,15 +134,16 @@ class OutboundCaps:
     # -- rate -------------------------------------------------------------------------------
 
     def _spend(self, now: float) -> bool:
-        """Spend a leased token if one is left; top the lease up off the path when low."""
+        """Spend a leased token if one is left; when a quarter of the last lease is left,
+        lease more off the path."""
         tokens = self._tokens
         while tokens and (tokens[0][0] <= now or tokens[0][1] < 1):
             tokens.popleft()
         if not tokens:
             return False
         tokens[0][1] -= 1
-        low = sum(chunk[1] for chunk in tokens) * 4 < self._last_grant
-        if low and self._last_grant >= 4 and self._taker is None:
+        # Top up off the path: the next request should find a token here, not ask the store.
+        if self._taker is None and sum(chunk[1] for chunk in tokens) * 4 < self._last_grant:
             self._taker = self._spawn(self._take_tokens(wait=False))
         return True
 

@@ -1,4 +1,4 @@
-"""Token buckets and outbound slots: the math on a fake clock, then the Lua scripts on Redis.
+"""Token buckets and outbound slot leases: the math on a fake clock, then the Lua scripts on Redis.
 
 The in-memory twins take the time as an argument, so their numbers are exact. The Lua scripts
 read Redis's own clock; they are compared with the twins fed the very timestamps the scripts
@@ -17,7 +17,7 @@ import redis.asyncio as redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.buckets import LEASE_DIVISOR, Grant, MemoryBucket, MemoryOutbound
+from gateway.buckets import LEASE_DIVISOR, Grant, MemoryBucket, MemorySlots
 from gateway.config import RedisConfig, Secret
 from gateway.store import KeySpace, MemoryStore, RedisStore, Store
 from tests.support import RedisProcess
@@ -141,39 +141,34 @@ def test_the_bucket_never_hands_out_more_than_burst_plus_rate_times_elapsed(
         unspent = math.floor(grant.granted * leftover_share)
 
 
-# -- MemoryOutbound on a fake clock (milliseconds) ------------------------------------------
+# -- MemorySlots on a fake clock (milliseconds) ---------------------------------------------
 
 
-def test_outbound_twin_spaces_requests_one_over_rate_apart() -> None:
-    caps = MemoryOutbound()
-    assert caps.acquire(0.0, rate=10, holder="a", limit=100, ttl_ms=5000) == 0
-    assert caps.acquire(0.0, rate=10, holder="b", limit=100, ttl_ms=5000) == 100
-    assert caps.acquire(60.0, rate=10, holder="b", limit=100, ttl_ms=5000) == 40
-    assert caps.acquire(100.0, rate=10, holder="b", limit=100, ttl_ms=5000) == 0
-    assert caps.acquire(150.0, rate=10, holder="c", limit=100, ttl_ms=5000) == 50
+def test_slot_leases_are_an_eighth_of_the_free_slots_and_shrink_to_one() -> None:
+    slots = MemorySlots()
+    assert slots.lease(0.0, "w1", 0, want=64, limit=100, ttl_ms=5000) == 12
+    assert slots.lease(0.0, "w2", 0, want=64, limit=100, ttl_ms=5000) == 11
+    assert slots.lease(0.0, "w1", 12, want=5, limit=100, ttl_ms=5000) == 5
+    held = len(slots.held)
+    while held < 100:
+        granted = slots.lease(0.0, "w3", held, want=64, limit=100, ttl_ms=5000)
+        assert granted == max(1, (100 - held) // LEASE_DIVISOR)
+        held += granted
+    assert slots.lease(0.0, "w3", held, want=64, limit=100, ttl_ms=5000) == 0
+    assert len(slots.held) == 100
 
 
-def test_outbound_twin_holds_at_most_limit_slots_until_released_or_expired() -> None:
-    caps = MemoryOutbound()
-    assert caps.acquire(0.0, rate=1000, holder="a", limit=2, ttl_ms=500) == 0
-    assert caps.acquire(1.0, rate=1000, holder="b", limit=2, ttl_ms=500) == 0
-    # Both slots taken: wait 10 ms and look again, whatever the rate says.
-    assert caps.acquire(2.0, rate=1000, holder="c", limit=2, ttl_ms=500) == 10
-    del caps.holders["a"]  # what MemoryStore.release_slot does
-    assert caps.acquire(3.0, rate=1000, holder="c", limit=2, ttl_ms=500) == 0
-    assert caps.acquire(4.0, rate=1000, holder="d", limit=2, ttl_ms=500) == 10
+def test_slots_are_named_per_holder_and_free_when_released_or_expired() -> None:
+    slots = MemorySlots()
+    assert slots.lease(0.0, "a", 7, want=1, limit=2, ttl_ms=500) == 1
+    assert slots.lease(1.0, "b", 0, want=1, limit=2, ttl_ms=500) == 1
+    assert set(slots.held) == {"a:7", "b:0"}
+    assert slots.lease(2.0, "c", 0, want=1, limit=2, ttl_ms=500) == 0
+    del slots.held["a:7"]  # what MemoryStore.release_slots does
+    assert slots.lease(3.0, "c", 0, want=1, limit=2, ttl_ms=500) == 1
     # "b" died without releasing: its slot frees itself ttl_ms after it was taken.
-    assert caps.acquire(500.0, rate=1000, holder="d", limit=2, ttl_ms=500) == 10
-    assert caps.acquire(501.5, rate=1000, holder="d", limit=2, ttl_ms=500) == 0
-
-
-def test_outbound_twin_never_admits_more_than_rate_in_any_second() -> None:
-    caps = MemoryOutbound()
-    # A taker every millisecond for 10 s; each holder is gone a millisecond later.
-    admitted = [t for t in range(10_000) if caps.acquire(float(t), 7, f"h{t}", 1000, 1) == 0]
-    assert len(admitted) == 70
-    for start in admitted:
-        assert sum(start <= t < start + 1000 for t in admitted) <= 7
+    assert slots.lease(500.0, "d", 0, want=1, limit=2, ttl_ms=500) == 0
+    assert slots.lease(501.5, "d", 0, want=1, limit=2, ttl_ms=500) == 1
 
 
 # -- the Lua scripts on a real Redis ------------------------------------------------------
@@ -279,18 +274,15 @@ async def test_scripts_still_run_after_a_script_flush(
     keys = fresh_keys()
     bucket = keys.caller_bucket("alice", "all")
 
-    async def acquire(upstream: str) -> int:
-        slots = keys.upstream_slots(upstream)
-        return await redis_store.acquire_outbound(
-            keys.upstream_bucket(upstream), slots, 1000.0, "h1", 5, 5000
-        )
+    async def lease(upstream: str) -> int:
+        return await redis_store.lease_slots(keys.upstream_slots(upstream), "h1", 0, 1, 5, 5000)
 
     assert (await redis_store.take_tokens(bucket, 1.0, 5, 1, 0)).granted == 1
-    assert await acquire("u") == 0
+    assert await lease("u") == 1
     await raw_redis.script_flush()
     assert (await redis_store.take_tokens(bucket, 1.0, 5, 1, 0)).granted == 1
     await raw_redis.script_flush()
-    assert await acquire("v") == 0
+    assert await lease("v") == 1
 
 
 def hash_tag(key: str) -> str:
@@ -322,26 +314,22 @@ async def any_store(
         await store.close()
 
 
-async def test_outbound_caps_space_requests_and_bound_slots(any_store: Store) -> None:
-    """OUTBOUND_LUA and its twin: rate 10 (100 ms apart), 2 slots. Real time, so waits are
-    checked within the few ms a call takes."""
-    keys = fresh_keys()
-    args = (keys.upstream_bucket("u"), keys.upstream_slots("u"), 10.0)
+async def test_slot_leases_bound_slots_until_released_or_expired(any_store: Store) -> None:
+    """SLOTS_LEASE_LUA and its twin: 2 slots. Real time, so expiry is checked with waits far
+    from the edge."""
+    key = fresh_keys().upstream_slots("u")
 
-    async def acquire(holder: str, ttl_ms: int = 5000) -> int:
-        return await any_store.acquire_outbound(*args, holder, 2, ttl_ms)
+    async def lease(holder: str, first: int = 0, ttl_ms: int = 5000) -> int:
+        return await any_store.lease_slots(key, holder, first, 8, 2, ttl_ms)
 
-    assert await acquire("a") == 0
-    wait = await acquire("b", ttl_ms=400)
-    assert 50 < wait <= 100
-    await asyncio.sleep(wait / 1000 + 0.01)
-    assert await acquire("b", ttl_ms=400) == 0
-    # Two slots held ("a", "b"): the third waits for a slot, not for the rate.
-    await asyncio.sleep(0.11)
-    assert await acquire("c") == 10
-    await any_store.release_slot(keys.upstream_slots("u"), "a")
-    assert await acquire("c") == 0
-    assert await acquire("d") == 10
+    assert await lease("a") == 1  # an eighth of 2 free, at least one
+    assert await lease("b", ttl_ms=400) == 1
+    assert await lease("c") == 0
+    await any_store.release_slots(key, ["a:0"])
+    assert await lease("c") == 1
+    assert await lease("d") == 0
     # "b" never releases: its slot frees itself 400 ms after it was taken.
     await asyncio.sleep(0.45)
-    assert await acquire("d") == 0
+    assert await lease("d", first=3) == 1
+    await any_store.release_slots(key, ["c:0", "d:3"])
+    assert await lease("e") == 1
