@@ -102,7 +102,7 @@ class Dedup:
                 stored = await self._read(key.key)
             except StoreError as exc:
                 # Without the store there is no telling duplicates apart: serve as if none.
-                log.warning("store_error", operation="dedup", error=str(exc))
+                log.warning("store_error", purpose="dedup", error=str(exc))
                 return (await run())[0]
             if stored is None:
                 continue  # the first let go of its claim: try to claim it again
@@ -159,13 +159,13 @@ class Dedup:
                 {key.key: orjson.dumps(meta) + b"\n" + response.body}, key.ttl_ms
             )
         except StoreError as exc:
-            log.warning("store_error", operation="dedup", error=str(exc))
+            log.warning("store_error", purpose="dedup", error=str(exc))
 
     async def _forget(self, key: DedupKey) -> None:
         try:
             await self.store.delete([key.key])
         except StoreError as exc:
-            log.warning("store_error", operation="dedup", error=str(exc))
+            log.warning("store_error", purpose="dedup", error=str(exc))
 
 
 def _may_have_sent(exc: GatewayError) -> bool:

@@ -119,7 +119,7 @@ class TaskEvents:
         try:
             return await self._record(states)
         except StoreError as exc:
-            log.warning("store_error", operation="task_events", error=str(exc))
+            log.warning("store_error", purpose="task_events", error=str(exc))
             return []
 
     async def _record(self, states: Sequence[tuple[dict[str, Any], bytes]]) -> list[str]:
@@ -227,7 +227,7 @@ class EventHub:
                             for wake in self._waiting.get(task_id, ()):
                                 wake.set()
             except StoreError as exc:
-                log.warning("store_error", operation="events_subscribe", error=str(exc))
+                log.warning("store_error", purpose="events_subscribe", error=str(exc))
             for waiting in self._waiting.values():
                 for wake in waiting:
                     wake.set()

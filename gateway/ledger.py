@@ -244,7 +244,7 @@ class Ledger:
                 self.store.add_counts(self.keys.usage_day(day), count, self._counts_ttl(day)),
             )
         except StoreError as exc:
-            log.warning("store_error", operation="ledger_record", error=str(exc))
+            log.warning("store_error", purpose="ledger_record", error=str(exc))
 
     def _counts_ttl(self, day: str) -> int:
         """A day's counters live until the whole day has left the retention window."""
@@ -281,7 +281,7 @@ class Ledger:
                 await self._finished(record, status)
         except StoreError as exc:
             self._seen.pop((upstream, task_id))  # the next sighting tries again
-            log.warning("store_error", operation="ledger_status", error=str(exc))
+            log.warning("store_error", purpose="ledger_status", error=str(exc))
 
     async def _finished(self, record: dict[str, str], status: str) -> None:
         """Count a task's outcome, once in the fleet; refund a failed task's quota unit."""
@@ -426,7 +426,7 @@ class Ledger:
                 for upstream, count in (await self.stuck_counts()).items():
                     STUCK_TASKS.labels(upstream).set(count)
             except StoreError as exc:
-                log.warning("store_error", operation="ledger_stuck", error=str(exc))
+                log.warning("store_error", purpose="ledger_stuck", error=str(exc))
             await asyncio.sleep(every_s)
 
 

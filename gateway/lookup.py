@@ -111,6 +111,7 @@ class TaskLookup:
         names: frozenset[str],
         info: RequestInfo,
     ) -> Answer:
+        _prepare(allowed, self.owners.local(task_id))
         views = await self.cache.read([task_id], [u.name for u in allowed])
         view = views.get(task_id) or StoreView()
         view.owner = view.owner or self.owners.local(task_id)
@@ -230,6 +231,8 @@ class TaskLookup:
                 bodies[task_id] = entry.body
             else:
                 uncached.append(task_id)
+        if uncached:
+            _prepare(allowed, None)
         views = await self.cache.read(uncached, [u.name for u in allowed])
         wanted: list[str] = []
         for task_id in uncached:
@@ -320,3 +323,11 @@ class TaskLookup:
             detail = f"answered HTTP {response.status} with something other than a task list"
             raise UpstreamError(upstream.name, "broken", True, detail)
         return tasks
+
+
+def _prepare(allowed: Sequence[Upstream], owner: str | None) -> None:
+    """Outbound leases for the upstreams a lookup may call (the owner's, when known) start
+    beside its store read rather than after it."""
+    for upstream in allowed:
+        if owner is None or upstream.name == owner:
+            upstream.caps.prepare()

@@ -276,7 +276,7 @@ def _submit(name: str, summary: str) -> Callable[[Config], Schema]:
                 "required": False,
                 "description": "The same key again within 24 h gets the first answer (with "
                 "X-Mjgate-Deduplicated: true) and sends nothing; with another request, 422.",
-                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,255}$"},
+                "schema": {"type": "string", "pattern": "^[ -~]{1,255}$"},  # printable ASCII
             }
         ]
         operation["responses"].update({"400": refused, "404": refused})

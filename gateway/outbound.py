@@ -114,6 +114,15 @@ class OutboundCaps:
             raise
         return slot
 
+    def prepare(self) -> None:
+        """A request here is likely soon: when this worker holds no slot or no token, start
+        leasing them now, beside what the caller does first (its cache read), not after."""
+        now = time.monotonic()
+        if self._taker is None and not any(t > now and n >= 1 for t, n in self._tokens):
+            self._taker = self._spawn(self._take_tokens(wait=False))
+        if self._leaser is None and not any(s.usable_until > now for s in self._idle):
+            self._leaser = self._spawn(self._lease_slots(ahead=1))
+
     async def release(self, slot: Slot) -> None:
         """Done with a slot: it serves the next request, or goes back when it is too old."""
         now = time.monotonic()
@@ -210,10 +219,12 @@ class OutboundCaps:
             waiter.cancel()
             raise
 
-    async def _lease_slots(self) -> None:
-        """Lease slots from the store for as long as requests here wait for one."""
+    async def _lease_slots(self, ahead: int = 0) -> None:
+        """Lease slots from the store for as long as requests here wait for one (and
+        ``ahead`` more the first time)."""
         try:
-            while waiting := sum(1 for w in self._waiters if not w.done()):
+            while waiting := sum(1 for w in self._waiters if not w.done()) + ahead:
+                ahead = 0
                 want = min(MAX_SLOTS, waiting)
                 first, self._next_slot = self._next_slot, self._next_slot + want
                 started = time.monotonic()
@@ -286,7 +297,7 @@ class OutboundCaps:
                 self._store_down = True
                 log.warning(
                     "store_error",
-                    operation=f"outbound_{operation}",
+                    purpose=f"outbound_{operation}",
                     upstream=self.config.name,
                     error=str(exc),
                     fallback="per-worker caps",

@@ -95,7 +95,7 @@ class OwnerMap:
         try:
             values = await self._store.mget([self._keys.owner(t) for t in missing])
         except StoreError as exc:
-            log.warning("store_error", operation="owner_read", error=str(exc))
+            log.warning("store_error", purpose="owner_read", error=str(exc))
             values = [None] * len(missing)
         for task_id, value in zip(missing, values, strict=True):
             if value is not None:
@@ -126,4 +126,4 @@ class OwnerMap:
         try:
             await self._store.set_many({self._keys.owner(task_id): owner.encode()}, self._ttl_ms)
         except StoreError as exc:
-            log.warning("store_error", operation="owner_write", error=str(exc))
+            log.warning("store_error", purpose="owner_write", error=str(exc))

@@ -116,7 +116,7 @@ class Quotas:
         try:
             refused = await self.store.reserve(keys, [limit for *_, limit in limited], ttls)
         except StoreError as exc:
-            log.warning("store_error", operation="quota_reserve", error=str(exc))
+            log.warning("store_error", purpose="quota_reserve", error=str(exc))
             raise GatewayError(503, "the quota could not be counted (store unavailable)") from exc
         if refused:
             name, _, resets, limit = limited[refused - 1]
@@ -134,4 +134,4 @@ class Quotas:
         try:
             await self.store.unreserve([self.keys.quota(client, p) for p in periods])
         except StoreError as exc:
-            log.warning("store_error", operation="quota_release", error=str(exc))
+            log.warning("store_error", purpose="quota_release", error=str(exc))

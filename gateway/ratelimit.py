@@ -116,7 +116,7 @@ class CallerLimiter:
         if not self._store_down:
             # Once per outage, not once per request: an outage under load would flood logs.
             self._store_down = True
-            log.warning("store_error", operation="rate_limit", error=str(exc), allowing=allow)
+            log.warning("store_error", purpose="rate_limit", error=str(exc), allowing=allow)
         if allow:
             return Decision(True, bucket.burst, bucket.burst, 0, rps=bucket.rps)
         return Decision(False, bucket.burst, 0, 1, 1, bucket.rps, store_down=True)

@@ -912,7 +912,8 @@ class RedisStore:
 class _ErrorLog:
     """Every Redis error counted in ``mjgate_store_errors`` and logged (``redis_error``, by
     the metric's operation name) without a line per error: an outage under load fails
-    thousands of calls a second. Callers may log what they did about it (``store_error``)."""
+    thousands of calls a second. Callers may log what they did about it (``store_error``,
+    with ``purpose``): ``operation`` in logs always is the metric's label."""
 
     def __init__(self) -> None:
         self.unlogged: dict[str, int] = {}

@@ -154,7 +154,7 @@ class Watcher:
             try:
                 due = await self._due(upstream)
             except StoreError as exc:
-                log.warning("store_error", operation="watcher_list", error=str(exc))
+                log.warning("store_error", purpose="watcher_list", error=str(exc))
                 continue
             for mode, ids in due.items():
                 size = self.batch_size

@@ -182,8 +182,13 @@ def test_stuck_tasks_are_listed_counted_and_left_unfinished(
         assert task_log(ops, state="stuck")["tasks"] == []  # not a second old yet
         assert finished(alice, quick)["status"] == "SUCCESS"
         time.sleep(max(0.0, started + 1.1 - time.monotonic()))
-        listed = eventually(lambda: task_log(ops, state="stuck")["tasks"], what="stuck tasks")
-        assert sorted(t["id"] for t in listed) == sorted(stuck)
+
+        def stuck_now() -> list[dict[str, Any]] | None:
+            # The quick task's SUCCESS reaches the ledger just after the answer that saw it.
+            tasks: list[dict[str, Any]] = task_log(ops, state="stuck")["tasks"]
+            return tasks if sorted(t["id"] for t in tasks) == sorted(stuck) else None
+
+        listed = eventually(stuck_now, what="exactly the stuck tasks")
         assert all(t["status"] not in TERMINAL for t in listed)
         eventually(
             lambda: metric(gw.url, "mjgate_stuck_tasks", upstream="java") == 2,

@@ -20,7 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import metrics
 from gateway.configfile import config_from_dict
 from tests.sims_extra import client, config_for
-from tests.support import SimProcess, caller, config_data, make_config, running_gateway
+from tests.support import (
+    SimProcess,
+    caller,
+    config_data,
+    make_config,
+    running_gateway,
+    wait_until,
+)
 from tests.test_observability import sample_sum
 
 # name (as the family is called in a scrape), type, label names: DESIGN.md section 5.
@@ -270,14 +277,21 @@ def test_refusals_are_counted_under_the_route_asked_for(sims: list[SimProcess]) 
         for method, path, headers, _, status in asks:
             answer = httpx.request(method, f"{gateway.url}{path}", headers=headers, json={})
             assert str(answer.status_code) == status, (path, answer.text)
-        text = single_process_scrape()
-    for (route, status), count in before.items():
-        expected = sum(1 for *_, r, s in asks if (r, s) == (route, status))
-        assert (
-            sample_sum(text, "mjgate_requests_total", route=route, status=status)
-            == count + expected
-        )
-    assert task_id not in text
+        expected = {
+            (route, status): count + sum(1 for *_, r, s in asks if (r, s) == (route, status))
+            for (route, status), count in before.items()
+        }
+
+        def counted() -> dict[tuple[str, str], float]:
+            # The count is taken just after the answer is sent: poll briefly for the last one.
+            text = single_process_scrape()
+            assert task_id not in text
+            return {
+                key: sample_sum(text, "mjgate_requests_total", route=key[0], status=key[1])
+                for key in expected
+            }
+
+        wait_until(lambda: counted() == expected, timeout_s=3, what="the requests counted")
 
 
 def test_an_l1_hit_is_not_counted_for_a_request_refused_with_429(sims: list[SimProcess]) -> None:

@@ -305,7 +305,7 @@ def rate_limit_store_errors(lines: list[dict[str, Any]]) -> list[dict[str, Any]]
     return [
         line
         for line in lines
-        if line.get("event") == "store_error" and line.get("operation") == "rate_limit"
+        if line.get("event") == "store_error" and line.get("purpose") == "rate_limit"
     ]
 
 

@@ -111,7 +111,10 @@ def test_a_store_hit_costs_one_read_and_no_upstream_call(
         delta = commands.delta()
     assert java.count(FETCH) == asked
     assert delta.get("mget") == len(ids) - 1, delta
-    assert not delta.get("set") and not delta.get("hmget") and not delta.get("zcard"), delta
+    assert not delta.get("set"), delta
+    # Outbound leases start beside the read in case it misses: one token lease and one
+    # slot lease per upstream at most, while the worker holds none.
+    assert delta.get("hmget", 0) <= len(sims) and delta.get("zcard", 0) <= len(sims), delta
 
 
 def test_a_miss_reads_once_and_writes_behind(
@@ -161,7 +164,7 @@ def test_nothing_but_a_read_is_on_a_miss_path(
             for task_id in ids[:3]:
                 began = time.monotonic()
                 assert fetch(http, task_id).headers["x-cache"] == "MISS"
-                assert time.monotonic() - began < 0.5
+                assert time.monotonic() - began < 0.2
         finally:
             raw.execute_command("CLIENT", "UNPAUSE")
 

@@ -187,7 +187,7 @@ class Deliveries:
         try:
             entries = await self._next_entries()
         except StoreError as exc:
-            log.warning("store_error", operation="webhooks", error=str(exc))
+            log.warning("store_error", purpose="webhooks", error=str(exc))
             return None
         await asyncio.gather(*(self._handle(session, entry) for entry in entries))
         return len(entries)
@@ -229,7 +229,7 @@ class Deliveries:
             await self.store.queue_ack(self._queue, [entry_id])
         except StoreError as exc:
             # Not acknowledged: another worker claims the entry once it has sat idle.
-            log.warning("store_error", operation="webhook_delivery", error=str(exc))
+            log.warning("store_error", purpose="webhook_delivery", error=str(exc))
 
     async def _attempt(self, session: aiohttp.ClientSession, delivery: Delivery) -> str | None:
         """POST the task once; the error, or None when the destination took it (2xx)."""
