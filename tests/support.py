@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import uvicorn
 
-from gateway.server import uvicorn_config
 from gateway.config import Config
 from gateway.configfile import config_from_dict
+from gateway.server import uvicorn_config
 
 CALLER_KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789"}
 # The fields of the one access-log line per request.

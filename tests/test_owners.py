@@ -124,9 +124,7 @@ async def test_store_failure_on_read_is_unknown_not_an_error(own_redis: RedisPro
         with capture_logs() as logs:
             assert await owners.get(task_id()) is None
             assert await owners.get_many([task_id(), task_id()]) == {}
-        assert any(e["event"] == "store_error" and e["purpose"] == "owner_read" for e in logs), (
-            logs
-        )
+        assert any(e["event"] == "store_error" and e["purpose"] == "owner_read" for e in logs), logs
     finally:
         await store.close()
 
