@@ -519,6 +519,30 @@ def test_query_names_a_failing_upstream_and_fails_when_all_fail(world: World) ->
             csharp.faults(error_rate=0)
 
 
+def test_query_by_ids_names_a_failing_upstream_among_those_searched_by_list(
+    world: World,
+) -> None:
+    """Upstreams without ``query`` are searched through list lookups; one of them failing is
+    named in ``X-Gateway-Partial`` while the others' tasks still come back."""
+    relay = world.sims["relay"]
+    sims = list(world.sims.values())
+    upstreams = [s.upstream_config(supports_query=s.name == "csharp", max_rps=10_000) for s in sims]
+    config = make_config(sims, "", upstreams=upstreams, rate_limit=NO_LIMITS)
+    ids = [t["id"] for t in world.tasks["java"][:3] + world.tasks["relay"][:3]]
+    with (
+        running_gateway(config) as gateway,
+        httpx.Client(base_url=gateway.url, headers=caller(), timeout=10) as client,
+    ):
+        try:
+            relay.faults(error_rate=1)
+            answer = client.post("/mj/task/query", json={"ids": ids, "pageSize": 100})
+        finally:
+            relay.faults(error_rate=0)
+    assert answer.status_code == 200
+    assert answer.headers["x-gateway-partial"] == "relay"
+    assert {t["id"] for t in answer.json()["content"]} == set(ids[:3])
+
+
 # -- /mj/task/list and /mj/task/queue ----------------------------------------------------------
 
 
