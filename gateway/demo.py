@@ -47,7 +47,8 @@ def demo_config(port: int, java_port: int, relay_port: int, keys: tuple[str, str
                     "timeout_s": 5,
                 },
             ],
-            "clients": [{"name": "demo", "key": DEMO_KEY}],
+            # The demo caller may also read the admin routes (usage, task log, deliveries).
+            "clients": [{"name": "demo", "key": DEMO_KEY, "admin": True}],
             "logging": {"format": "console"},
         },
         env={},
@@ -87,8 +88,11 @@ def run_demo(port: int) -> int:
     keys = (secrets.token_urlsafe(16), secrets.token_urlsafe(16))
     config = demo_config(port, _port_of(java), _port_of(relay), keys)
     configure_logging(LoggingConfig(format="console"), keys)
-    java_sim = SimSettings(flavor="java", key=keys[0], task_seconds=15)
-    relay_sim = SimSettings(flavor="relay", key=keys[1], task_seconds=15, list_paths="list-by-ids")
+    # No random failures in the demo: the README walk-through presses a finished task's button.
+    java_sim = SimSettings(flavor="java", key=keys[0], task_seconds=15, failure_rate=0.0)
+    relay_sim = SimSettings(
+        flavor="relay", key=keys[1], task_seconds=15, failure_rate=0.0, list_paths="list-by-ids"
+    )
     apps = [(create_sim_app(java_sim), java), (create_sim_app(relay_sim), relay)]
     apps.append((create_app(config), listener))
     servers = [
