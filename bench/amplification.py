@@ -37,6 +37,7 @@ from bench.common import (
     Sim,
     Verdict,
     add_quiet_wait,
+    bench_parser,
     caller_headers,
     gateway_config,
     machine_note,
@@ -306,11 +307,7 @@ def report(results: Sequence[ComboResult]) -> list[Verdict]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench amplification",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = bench_parser(NAME, __doc__)
     p.add_argument("--tasks", type=int, default=5, help="M: running tasks (default: 5)")
     p.add_argument(
         "--combos",

@@ -19,7 +19,6 @@ Needs: wrk, nginx, redis-server on PATH (apt-get install -y wrk nginx redis-serv
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -30,7 +29,6 @@ import httpx
 
 from bench.common import (
     CLIENT_KEY,
-    SERVER_CORE,
     BenchError,
     CpuMeter,
     Processes,
@@ -40,20 +38,26 @@ from bench.common import (
     Verdict,
     WrkResult,
     add_quiet_wait,
+    add_wrk_options,
+    alternating,
+    bench_parser,
     caller_headers,
-    free_port,
+    fetch_twice,
     gateway_config,
     machine_note,
     median,
     need,
-    positive_int,
+    print_round,
     print_table,
+    ratios,
     run_bench,
-    run_wrk,
+    start_bench_server,
     start_gateway,
+    start_nginx,
     start_redis,
     start_sim,
-    wait_http,
+    wrk_note,
+    wrk_runs,
 )
 
 __all__ = ["main", "run"]
@@ -75,56 +79,23 @@ def start_baseline(procs: Processes, body: bytes) -> str:
     """The bare Starlette route (bench/baseline_app.py) on the server core."""
     body_file = procs.workdir / "body.json"
     body_file.write_bytes(body)
-    port = free_port()
-    args = [sys.executable, "-m", "bench.baseline_app", "--port", str(port)]
-    args += ["--body-file", str(body_file)]
-    log = procs.workdir / "baseline.log"
-    proc = procs.start("bare starlette", args, core=SERVER_CORE, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}/mj/task/{TASK_ID}/fetch"
-    wait_http(url, proc, "bare starlette app", log=log)
-    return url
+    path = f"/mj/task/{TASK_ID}/fetch"
+    args = ["--body-file", str(body_file)]
+    return start_bench_server(procs, "bare starlette app", "bench.baseline_app", args, path) + path
 
 
-def start_nginx(procs: Processes, sim: Sim) -> str:
+def start_cache_nginx(procs: Processes, sim: Sim) -> str:
     """nginx in the foreground, one worker, proxy_cache keyed on the URI, from a generated
     config in a temporary directory."""
-    binary = need("nginx")["nginx"]
-    directory = procs.workdir / "nginx"
-    directory.mkdir()
-    port = free_port()
-    text = TEMPLATE.read_text()
-    # As root the worker would switch to "nobody" and lose access to the temporary directory.
-    user = "user root;" if os.geteuid() == 0 else ""
-    for placeholder, value in {
-        "@USER@": user,
-        "@DIR@": str(directory),
-        "@PORT@": str(port),
-        "@SIM_PORT@": str(sim.port),
-        "@CLIENT_KEY@": CLIENT_KEY,
-        "@UPSTREAM_KEY@": sim.key,
-    }.items():
-        text = text.replace(placeholder, value)
-    config = directory / "nginx.conf"
-    config.write_text(text)
-    log = directory / "error.log"
-    args = [binary, "-p", str(directory), "-c", str(config), "-e", str(log)]
-    proc = procs.start("nginx", args, core=SERVER_CORE, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}/mj/task/{TASK_ID}/fetch"
-    wait_http(url, proc, "nginx", log=log, headers=caller_headers())
-    return url
+    values = {"@SIM_PORT@": str(sim.port), "@CLIENT_KEY@": CLIENT_KEY, "@UPSTREAM_KEY@": sim.key}
+    path = f"/mj/task/{TASK_ID}/fetch"
+    origin, _ = start_nginx(procs, TEMPLATE.read_text(), values, path)
+    return origin + path
 
 
 def warm(target: Target, expected: bytes, cache_header: str | None) -> str:
     """Fetch twice; check the bytes and that the second answer came from cache."""
-    headers = caller_headers()
-    with httpx.Client(headers=headers, timeout=10) as client:
-        client.get(target.url)
-        response = client.get(target.url)
-    if response.status_code != 200 or response.content != expected:
-        raise BenchError(
-            f"{target.name} answered {response.status_code} with other bytes than the sim's "
-            f"({len(response.content)} vs {len(expected)} bytes)"
-        )
+    response = fetch_twice(target.name, target.url, caller_headers(), expected, "the sim's")
     if cache_header is None:
         return "-"
     state = response.headers.get(cache_header, "?")
@@ -156,7 +127,7 @@ def run(args: argparse.Namespace) -> list[Verdict]:
             Target("bare", start_baseline(procs, body), "Starlette route, bytes in memory"),
             Target("mjgate", loud.url + path, "L1 hit, JSON log line to a file"),
             Target("mjgate-quiet", quiet.url + path, "L1 hit, logging.level warning"),
-            Target("nginx", start_nginx(procs, sim), "proxy_cache, 1 worker"),
+            Target("nginx", start_cache_nginx(procs, sim), "proxy_cache, 1 worker"),
         ]
         served = {
             "bare": warm(targets[0], body, None),
@@ -166,10 +137,7 @@ def run(args: argparse.Namespace) -> list[Verdict]:
         }
         print(f"task body: {len(body)} bytes; {loud.metrics_state()}")
         print(f"gateway log: stdout of the gateway process to a file ({loud.log.name})")
-        print(
-            f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency "
-            f"(after a {args.warmup:g} s warm-up run), {args.rounds} rounds in alternating order"
-        )
+        print(wrk_note(args))
         upstream_before = sim.fetch_calls()
         lines_before = {"mjgate": loud.log_lines(), "mjgate-quiet": quiet.log_lines()}
         requests = {"mjgate": 0, "mjgate-quiet": 0}
@@ -179,26 +147,18 @@ def run(args: argparse.Namespace) -> list[Verdict]:
         calm = QuietWait(args.quiet_wait)
         meter = CpuMeter()
         for round_index in range(args.rounds):
-            for target in targets if round_index % 2 == 0 else targets[::-1]:
+            for target in alternating(targets, round_index):
                 calm.wait()
                 redis_stats.reset()
-                runs = [args.warmup, args.duration] if args.warmup > 0 else [args.duration]
-                for duration in runs:
-                    result = run_wrk(
-                        target.url,
-                        headers=caller_headers(),
-                        duration_s=duration,
-                        connections=args.connections,
-                        threads=args.threads,
-                    )
-                    if target.name in requests:
-                        requests[target.name] += result.requests
-                results[target.name].append(result)
+                runs = wrk_runs(target.url, caller_headers(), args)
+                if target.name in requests:
+                    requests[target.name] += sum(r.requests for r in runs)
+                results[target.name].append(runs[-1])
                 if target.name in store_calls:
                     store_calls[target.name].update(redis_stats.calls())
                 if args.verbose:
-                    print(f"--- {target.name}, round {round_index + 1}\n{result.output}")
-            print_round(round_index, targets, results)
+                    print(f"--- {target.name}, round {round_index + 1}\n{runs[-1].output}")
+            print_round(round_index, [t.name for t in targets], results, "bare")
         cpu = meter.summary()
         verdicts = report(targets, results, served)
         print(cpu)
@@ -221,24 +181,6 @@ def run(args: argparse.Namespace) -> list[Verdict]:
             f"mjgate-quiet ~{written['mjgate-quiet']:,} for {requests['mjgate-quiet']:,} requests"
         )
         return verdicts
-
-
-def ratios(results: dict[str, list[WrkResult]], name: str, reference: str) -> list[float]:
-    """``name``'s req/s over ``reference``'s, round by round."""
-    pairs = zip(results[name], results[reference], strict=True)
-    return [mine.rps / theirs.rps for mine, theirs in pairs]
-
-
-def print_round(
-    round_index: int, targets: Sequence[Target], results: dict[str, list[WrkResult]]
-) -> None:
-    bare = results["bare"][-1].rps
-    cells = [
-        f"{t.name} {results[t.name][-1].rps:,.0f}"
-        + ("" if t.name == "bare" else f" ({results[t.name][-1].rps / bare:.2f})")
-        for t in targets
-    ]
-    print(f"round {round_index + 1}: req/s (x bare): {' | '.join(cells)}")
 
 
 def report(
@@ -293,16 +235,8 @@ def report(
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench cache",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds of wrk warm-up per run")
-    p.add_argument("--connections", type=int, default=64, help="wrk connections")
-    p.add_argument("--threads", type=int, default=1, help="wrk threads")
-    p.add_argument("--rounds", type=positive_int, default=6, help="rounds over all targets")
+    p = bench_parser(NAME, __doc__)
+    add_wrk_options(p, connections=64, rounds=6)
     p.add_argument("--verbose", action="store_true", help="print every wrk output")
     add_quiet_wait(p)
     return p

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import httpx
 import yaml
@@ -49,7 +49,11 @@ __all__ = [
     "Verdict",
     "WrkResult",
     "add_quiet_wait",
+    "add_wrk_options",
+    "alternating",
+    "bench_parser",
     "caller_headers",
+    "fetch_twice",
     "free_port",
     "gateway_config",
     "gateway_origin",
@@ -61,14 +65,21 @@ __all__ = [
     "pin_self_to_load_core",
     "pinned_child",
     "positive_int",
+    "print_round",
     "print_table",
     "print_verdicts",
+    "ratios",
     "run_bench",
     "run_wrk",
+    "start_bench_server",
     "start_gateway",
+    "start_nginx",
     "start_redis",
     "start_sim",
     "wait_http",
+    "wait_redis",
+    "wrk_note",
+    "wrk_runs",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +96,7 @@ LOAD_CORE: int | None = _CORES[1] if len(_CORES) >= 2 else None
 # Debian packages that provide the binaries the benchmarks need.
 APT_PACKAGES = {"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server"}
 
+_T = TypeVar("_T")
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
@@ -258,6 +270,13 @@ def start_redis(procs: Processes, core: int | None = SERVER_CORE) -> str:
     args += ["no", "--dir", str(directory), "--protected-mode", "no"]
     log = procs.workdir / "redis.log"
     proc = procs.start("redis-server", args, core=core, stdout=log, stderr=log)
+    wait_redis(port, proc, log)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def wait_redis(port: int, proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
+    """Poll redis-server on ``port`` until it answers PING; BenchError (with the log's tail)
+    if the process exits or ten seconds pass."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -268,7 +287,7 @@ def start_redis(procs: Processes, core: int | None = SERVER_CORE) -> str:
         ):
             sock.sendall(b"PING\r\n")
             if sock.recv(16).startswith(b"+PONG"):
-                return f"redis://127.0.0.1:{port}/0"
+                return
         time.sleep(0.05)
     raise BenchError(f"redis-server did not answer on port {port}{_tail(log)}")
 
@@ -449,6 +468,70 @@ def start_gateway(procs: Processes, name: str, config: Mapping[str, Any]) -> Gat
     return Gateway(name, port, log, proc)
 
 
+def start_bench_server(
+    procs: Processes,
+    what: str,
+    module: str,
+    args: Sequence[str],
+    probe_path: str,
+    headers: Mapping[str, str] | None = None,
+) -> str:
+    """``python -m MODULE --port P ARGS`` (a server of this package) on the server core; its
+    origin, once ``probe_path`` answers 200."""
+    port = free_port()
+    log = procs.workdir / f"{module}.log"
+    command = [sys.executable, "-m", module, "--port", str(port), *args]
+    proc = procs.start(what, command, core=SERVER_CORE, stdout=log, stderr=log)
+    origin = f"http://127.0.0.1:{port}"
+    wait_http(origin + probe_path, proc, what, log=log, headers=headers)
+    return origin
+
+
+# -- nginx -----------------------------------------------------------------------------------
+
+
+def start_nginx(
+    procs: Processes, template: str, values: Mapping[str, str], probe_path: str
+) -> tuple[str, Path]:
+    """nginx in the foreground from ``template`` (``@USER@``, ``@DIR@``, ``@PORT@`` and the
+    ``values`` placeholders filled in) in ``procs.workdir / "nginx"``, on the server core;
+    its origin, once ``probe_path`` answers 200 to the caller's key, and its directory."""
+    binary = need("nginx")["nginx"]
+    directory = procs.workdir / "nginx"
+    directory.mkdir(exist_ok=True)
+    port = free_port()
+    text = template
+    # As root the worker would switch to "nobody" and lose access to the temporary directory.
+    user = "user root;" if os.geteuid() == 0 else ""
+    filled = {"@USER@": user, "@DIR@": str(directory), "@PORT@": str(port), **values}
+    for placeholder, value in filled.items():
+        text = text.replace(placeholder, value)
+    config = directory / "nginx.conf"
+    config.write_text(text)
+    log = directory / "error.log"
+    args = [binary, "-p", str(directory), "-c", str(config), "-e", str(log)]
+    proc = procs.start("nginx", args, core=SERVER_CORE, stdout=log, stderr=log)
+    origin = f"http://127.0.0.1:{port}"
+    wait_http(origin + probe_path, proc, "nginx", log=log, headers=caller_headers())
+    return origin, directory
+
+
+def fetch_twice(
+    name: str, url: str, headers: Mapping[str, str], expected: bytes, source: str
+) -> httpx.Response:
+    """Fetch ``url`` twice; BenchError unless the second answer is 200 with ``expected``
+    (the bytes of ``source``, as the error says); that second answer."""
+    with httpx.Client(headers=dict(headers), timeout=10) as client:
+        client.get(url)
+        response = client.get(url)
+    if response.status_code != 200 or response.content != expected:
+        raise BenchError(
+            f"{name} answered {response.status_code} with other bytes than {source} "
+            f"({len(response.content)} vs {len(expected)} bytes)"
+        )
+    return response
+
+
 # -- wrk -------------------------------------------------------------------------------------
 
 
@@ -529,6 +612,46 @@ def run_wrk(
     )
 
 
+def add_wrk_options(
+    parser: argparse.ArgumentParser,
+    *,
+    connections: int,
+    rounds: int,
+    rounds_help: str = "rounds over all targets",
+    threads: bool = True,
+) -> None:
+    """The wrk options of the benchmarks that run targets in rounds."""
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of wrk warm-up per run")
+    parser.add_argument("--connections", type=int, default=connections, help="wrk connections")
+    if threads:
+        parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--rounds", type=positive_int, default=rounds, help=rounds_help)
+
+
+def wrk_note(args: argparse.Namespace) -> str:
+    """The wrk settings ``add_wrk_options`` parsed, as printed above the rounds."""
+    return (
+        f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency "
+        f"(after a {args.warmup:g} s warm-up run), {args.rounds} rounds in alternating order"
+    )
+
+
+def wrk_runs(url: str, headers: Mapping[str, str], args: argparse.Namespace) -> list[WrkResult]:
+    """The warm-up run (unless ``--warmup 0``), then the measured one: the last."""
+    durations = [args.warmup, args.duration] if args.warmup > 0 else [args.duration]
+    return [
+        run_wrk(
+            url,
+            headers=headers,
+            duration_s=duration,
+            connections=args.connections,
+            threads=args.threads,
+        )
+        for duration in durations
+    ]
+
+
 # -- numbers and printing --------------------------------------------------------------------
 
 
@@ -558,6 +681,33 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     print("  ".join("-" * width for width in widths))
     for row in rows:
         print(line(row))
+
+
+def alternating(items: Sequence[_T], round_index: int) -> Sequence[_T]:
+    """``items`` in order on even rounds, reversed on odd ones (to cancel the drift)."""
+    return items if round_index % 2 == 0 else items[::-1]
+
+
+def ratios(results: Mapping[str, Sequence[WrkResult]], name: str, reference: str) -> list[float]:
+    """``name``'s req/s over ``reference``'s, round by round."""
+    pairs = zip(results[name], results[reference], strict=True)
+    return [mine.rps / theirs.rps for mine, theirs in pairs]
+
+
+def print_round(
+    round_index: int,
+    names: Sequence[str],
+    results: Mapping[str, Sequence[WrkResult]],
+    reference: str,
+) -> None:
+    """One line per round: each target's req/s and its ratio to ``reference``'s."""
+    base = results[reference][-1].rps
+    cells = [
+        f"{name} {results[name][-1].rps:,.0f}"
+        + ("" if name == reference else f" ({results[name][-1].rps / base:.2f})")
+        for name in names
+    ]
+    print(f"round {round_index + 1}: req/s (x {reference}): {' | '.join(cells)}")
 
 
 @dataclass(frozen=True)
@@ -740,6 +890,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
     return value
+
+
+def bench_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of ``python -m bench NAME``: the module's docstring as its description."""
+    return argparse.ArgumentParser(
+        prog=f"python -m bench {name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def add_quiet_wait(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ from bench.common import (
     Sim,
     Verdict,
     add_quiet_wait,
+    bench_parser,
     caller_headers,
     gateway_config,
     machine_note,
@@ -221,11 +222,7 @@ def report(series: Sequence[Series]) -> list[Verdict]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench fanout",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = bench_parser(NAME, __doc__)
     p.add_argument("--rounds", type=int, default=20, help="uncached rounds (default: 20)")
     p.add_argument("--ids-per-sim", type=int, default=10, help="ids per sim per list")
     p.add_argument("--cached-rounds", type=int, default=200, help="cached-list requests")

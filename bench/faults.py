@@ -32,6 +32,7 @@ from typing import Any
 
 from bench.common import (
     Verdict,
+    bench_parser,
     caller_headers,
     machine_note,
     print_table,
@@ -159,11 +160,7 @@ def run(args: argparse.Namespace) -> list[Verdict]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench faults",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = bench_parser(NAME, __doc__)
     p.add_argument("--before", type=float, default=3.0, help="seconds of load before a fault")
     p.add_argument("--during", type=float, default=10.0, help="seconds a fault lasts")
     p.add_argument("--after", type=float, default=10.0, help="seconds of load after it")

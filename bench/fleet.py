@@ -9,8 +9,6 @@ in seconds.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +34,7 @@ from bench.common import (
     need,
     start_sim,
     wait_http,
+    wait_redis,
 )
 from tests.deployed import rss_mb
 from tests.garbage_upstream import GarbageProcess
@@ -65,17 +64,7 @@ class Redis:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--dir", str(self.dir)]
         self.proc = self.procs.start("redis-server", args, core=None)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
-            ):
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return
-            time.sleep(0.05)
-        raise BenchError(f"redis-server did not answer on port {self.port}")
+        wait_redis(self.port, self.proc)
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -27,32 +27,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from bench.common import (
     CLIENT_KEY,
-    SERVER_CORE,
-    BenchError,
     CpuMeter,
     Processes,
     QuietWait,
     Verdict,
     WrkResult,
     add_quiet_wait,
+    add_wrk_options,
+    alternating,
+    bench_parser,
     caller_headers,
-    free_port,
+    fetch_twice,
     gateway_config,
     machine_note,
     median,
     need,
-    positive_int,
+    print_round,
     print_table,
+    ratios,
     run_bench,
-    run_wrk,
     start_gateway,
+    start_nginx,
     start_redis,
     start_sim,
-    wait_http,
+    wrk_note,
+    wrk_runs,
 )
 from gateway.images.signing import UrlSigner
 
@@ -110,32 +111,14 @@ def image(size: int) -> bytes:
     return signature + os.urandom(size - len(signature))
 
 
-def start_nginx(procs: Processes, data: bytes) -> tuple[str, Path]:
+def start_image_nginx(procs: Processes, data: bytes) -> tuple[str, Path]:
     """nginx in the foreground, one worker; the URL it serves the image at for the gateway
     (the CDN) and the log of those fetches."""
-    binary = need("nginx")["nginx"]
-    directory = procs.workdir / "nginx"
     for folder in ("www/cdn", "www/static"):
-        (directory / folder).mkdir(parents=True)
-        (directory / folder / "image.png").write_bytes(data)
-    port = free_port()
-    text = NGINX_CONF
-    # As root the worker would switch to "nobody" and lose access to the temporary directory.
-    user = "user root;" if os.geteuid() == 0 else ""
-    for placeholder, value in {
-        "@USER@": user,
-        "@DIR@": str(directory),
-        "@PORT@": str(port),
-        "@CLIENT_KEY@": CLIENT_KEY,
-    }.items():
-        text = text.replace(placeholder, value)
-    config = directory / "nginx.conf"
-    config.write_text(text)
-    log = directory / "error.log"
-    args = [binary, "-p", str(directory), "-c", str(config), "-e", str(log)]
-    proc = procs.start("nginx", args, core=SERVER_CORE, stdout=log, stderr=log)
-    origin = f"http://127.0.0.1:{port}"
-    wait_http(f"{origin}/static/image.png", proc, "nginx", log=log, headers=caller_headers())
+        (procs.workdir / "nginx" / folder).mkdir(parents=True)
+        (procs.workdir / "nginx" / folder / "image.png").write_bytes(data)
+    values = {"@CLIENT_KEY@": CLIENT_KEY}
+    origin, directory = start_nginx(procs, NGINX_CONF, values, "/static/image.png")
     return origin, directory / "cdn.log"
 
 
@@ -145,14 +128,7 @@ def cdn_fetches(log: Path) -> int:
 
 def warm(target: Target, expected: bytes) -> str:
     """Fetch twice; check the bytes; where the second answer came from."""
-    with httpx.Client(headers=target.headers, timeout=10) as client:
-        client.get(target.url)
-        response = client.get(target.url)
-    if response.status_code != 200 or response.content != expected:
-        raise BenchError(
-            f"{target.name} answered {response.status_code} with other bytes than the image "
-            f"({len(response.content)} vs {len(expected)} bytes)"
-        )
+    response = fetch_twice(target.name, target.url, target.headers, expected, "the image")
     source: str = response.headers.get("x-image-source", "-")
     return source
 
@@ -164,7 +140,7 @@ def run(args: argparse.Namespace) -> list[Verdict]:
     data = image(IMAGE_BYTES)
     with Processes() as procs:
         redis_url = start_redis(procs)
-        origin, cdn_log = start_nginx(procs, data)
+        origin, cdn_log = start_image_nginx(procs, data)
         sim = start_sim(procs, "main")
         sim.seed({"id": TASK_ID, "status": "SUCCESS", "imageUrl": f"{origin}/cdn/image.png"})
         config = gateway_config([sim], redis_url)
@@ -192,47 +168,18 @@ def run(args: argparse.Namespace) -> list[Verdict]:
             f"image: {len(data):,} bytes, fetched by mjgate from its host {fetched} time(s) "
             f"while warming; {gateway.metrics_state()}"
         )
-        print(
-            f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency "
-            f"(after a {args.warmup:g} s warm-up run), {args.rounds} rounds in alternating order"
-        )
+        print(wrk_note(args))
         results: dict[str, list[WrkResult]] = {t.name: [] for t in targets}
         calm = QuietWait(args.quiet_wait)
         meter = CpuMeter()
         for round_index in range(args.rounds):
-            for target in targets if round_index % 2 == 0 else targets[::-1]:
+            for target in alternating(targets, round_index):
                 calm.wait()
-                runs = [args.warmup, args.duration] if args.warmup > 0 else [args.duration]
-                for duration in runs:
-                    result = run_wrk(
-                        target.url,
-                        headers=target.headers,
-                        duration_s=duration,
-                        connections=args.connections,
-                        threads=args.threads,
-                    )
-                results[target.name].append(result)
-            print_round(round_index, targets, results)
+                results[target.name].append(wrk_runs(target.url, target.headers, args)[-1])
+            print_round(round_index, [t.name for t in targets], results, "nginx")
         print(meter.summary())
         refetched = cdn_fetches(cdn_log) - fetched
         return report(targets, results, served, refetched)
-
-
-def ratios(results: dict[str, list[WrkResult]], name: str, reference: str) -> list[float]:
-    pairs = zip(results[name], results[reference], strict=True)
-    return [mine.rps / theirs.rps for mine, theirs in pairs]
-
-
-def print_round(
-    round_index: int, targets: Sequence[Target], results: dict[str, list[WrkResult]]
-) -> None:
-    nginx = results["nginx"][-1].rps
-    cells = [
-        f"{t.name} {results[t.name][-1].rps:,.0f}"
-        + ("" if t.name == "nginx" else f" ({results[t.name][-1].rps / nginx:.2f})")
-        for t in targets
-    ]
-    print(f"round {round_index + 1}: req/s (x nginx): {' | '.join(cells)}")
 
 
 def report(
@@ -278,16 +225,8 @@ def report(
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench images",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds of wrk warm-up per run")
-    p.add_argument("--connections", type=int, default=16, help="wrk connections")
-    p.add_argument("--threads", type=int, default=1, help="wrk threads")
-    p.add_argument("--rounds", type=positive_int, default=4, help="rounds over all targets")
+    p = bench_parser(NAME, __doc__)
+    add_wrk_options(p, connections=16, rounds=4)
     add_quiet_wait(p)
     return p
 

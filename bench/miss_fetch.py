@@ -45,20 +45,21 @@ from bench.common import (
     Verdict,
     WrkResult,
     add_quiet_wait,
+    add_wrk_options,
+    alternating,
+    bench_parser,
     caller_headers,
-    free_port,
     gateway_config,
     machine_note,
     median,
     need,
-    positive_int,
     print_table,
     run_bench,
     run_wrk,
+    start_bench_server,
     start_gateway,
     start_redis,
     start_sim,
-    wait_http,
 )
 
 __all__ = ["MissSetup", "main", "run", "start_miss_setup"]
@@ -161,15 +162,11 @@ def start_miss_setup(
 
 def start_bare_proxy(procs: Processes, sim: Sim) -> str:
     """``bench/bare_proxy.py`` on the server core; its base URL."""
-    port = free_port()
-    args = [sys.executable, "-m", "bench.bare_proxy", "--port", str(port)]
-    args += ["--upstream", sim.url, "--upstream-key", sim.key, "--client-key", CLIENT_KEY]
-    log = procs.workdir / "bare-proxy.log"
-    proc = procs.start("bare proxy", args, core=SERVER_CORE, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    probe = f"{url}/mj/task/{FIRST_ID}/fetch"
-    wait_http(probe, proc, "bare proxy", log=log, headers=caller_headers())
-    return url
+    args = ["--upstream", sim.url, "--upstream-key", sim.key, "--client-key", CLIENT_KEY]
+    probe = f"/mj/task/{FIRST_ID}/fetch"
+    return start_bench_server(
+        procs, "bare proxy", "bench.bare_proxy", args, probe, headers=caller_headers()
+    )
 
 
 def run(args: argparse.Namespace) -> list[Verdict]:
@@ -192,7 +189,7 @@ def run(args: argparse.Namespace) -> list[Verdict]:
         calm = QuietWait(args.quiet_wait)
         meter = CpuMeter()
         for round_index in range(args.rounds):
-            for target in targets if round_index % 2 == 0 else targets[::-1]:
+            for target in alternating(targets, round_index):
                 calm.wait()
                 measure(target, setup, args, redis_stats)
             print_round(round_index, targets)
@@ -280,16 +277,11 @@ def report(targets: Sequence[Runs]) -> list[Verdict]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench miss",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = bench_parser(NAME, __doc__)
     p.add_argument("--tasks", type=int, default=300, help="running tasks, fetched round-robin")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds of wrk warm-up per run")
-    p.add_argument("--connections", type=int, default=50, help="wrk connections")
-    p.add_argument("--rounds", type=positive_int, default=6, help="rounds over both targets")
+    add_wrk_options(
+        p, connections=50, rounds=6, rounds_help="rounds over both targets", threads=False
+    )
     p.add_argument(
         "--helpers-core",
         choices=["load", "server"],

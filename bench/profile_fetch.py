@@ -38,6 +38,7 @@ from bench.common import (
     Gateway,
     Processes,
     QuietWait,
+    bench_parser,
     caller_headers,
     gateway_config,
     install_signal_handlers,
@@ -193,11 +194,7 @@ def show(profile: Profile, top: int) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench profile",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = bench_parser("profile", __doc__)
     p.add_argument("--scenario", default="cache", choices=["cache", "miss"])
     p.add_argument("--log-level", default="info", choices=["info", "warning"])
     p.add_argument("--duration", type=float, default=10.0, help="seconds sampled")

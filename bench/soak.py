@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from bench.common import (
     Verdict,
+    bench_parser,
     caller_headers,
     machine_note,
     percentile,
@@ -165,11 +166,7 @@ def run(args: argparse.Namespace) -> list[Verdict]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench soak",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = bench_parser(NAME, __doc__)
     p.add_argument("--minutes", type=float, default=5.0, help="how long to run (default: 5)")
     p.add_argument("--callers", type=int, default=8, help="concurrent fetch/list callers")
     p.add_argument("--pause", type=float, default=0.005, help="seconds between a caller's requests")

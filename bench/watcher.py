@@ -37,6 +37,7 @@ from bench.common import (
     Sim,
     Verdict,
     add_quiet_wait,
+    bench_parser,
     caller_headers,
     gateway_config,
     machine_note,
@@ -250,11 +251,7 @@ def report(
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench watcher",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = bench_parser(NAME, __doc__)
     p.add_argument("--tasks", type=positive_int, default=200, help="T: running tasks (200)")
     p.add_argument("--callers", type=positive_int, default=100, help="N: callers (100)")
     p.add_argument("--hz", type=float, default=2.0, help="R: polls per task per second (2)")
