@@ -10,16 +10,16 @@ no metrics, no log line: whatever the gateway does on a miss is paid on top of t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from bench.serving import serve, server_parser
 
 __all__ = ["create_bare_proxy", "main"]
 
@@ -49,25 +49,13 @@ def create_bare_proxy(upstream: str, upstream_key: str, client_key: str) -> Star
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser = server_parser(__doc__)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8080")
     parser.add_argument("--upstream-key", required=True, help="sent as mj-api-secret")
     parser.add_argument("--client-key", required=True, help="the caller's bearer key")
     args = parser.parse_args()
-    config = uvicorn.Config(
-        create_bare_proxy(args.upstream, args.upstream_key, args.client_key),
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        lifespan="on",
-        timeout_keep_alive=75,
-    )
-    uvicorn.Server(config).run()
+    app = create_bare_proxy(args.upstream, args.upstream_key, args.client_key)
+    serve(app, args.host, args.port)
 
 
 if __name__ == "__main__":

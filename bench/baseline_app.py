@@ -8,14 +8,14 @@ line. Whatever the gateway does on a cached fetch is paid on top of this.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from bench.serving import serve, server_parser
 
 __all__ = ["create_baseline_app", "main"]
 
@@ -28,23 +28,10 @@ def create_baseline_app(body: bytes) -> Starlette:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser = server_parser(__doc__)
     parser.add_argument("--body-file", type=Path, required=True)
     args = parser.parse_args()
-    config = uvicorn.Config(
-        create_baseline_app(args.body_file.read_bytes()),
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        lifespan="on",
-        timeout_keep_alive=75,
-    )
-    uvicorn.Server(config).run()
+    serve(create_baseline_app(args.body_file.read_bytes()), args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from bench.common import (
     add_quiet_wait,
     add_wrk_options,
     alternating,
+    bench_main,
     bench_parser,
     caller_headers,
     fetch_twice,
@@ -50,7 +51,6 @@ from bench.common import (
     print_round,
     print_table,
     ratios,
-    run_bench,
     start_bench_server,
     start_gateway,
     start_nginx,
@@ -242,8 +242,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_bench(NAME, parser(), run, argv)
+main = bench_main(NAME, parser, run)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import httpx
 import yaml
@@ -40,6 +40,7 @@ __all__ = [
     "SERVER_CORE",
     "UPSTREAM_KEY",
     "BenchError",
+    "BenchMain",
     "CpuMeter",
     "Gateway",
     "Processes",
@@ -51,6 +52,7 @@ __all__ = [
     "add_quiet_wait",
     "add_wrk_options",
     "alternating",
+    "bench_main",
     "bench_parser",
     "caller_headers",
     "fetch_twice",
@@ -882,6 +884,25 @@ def run_bench(
     print()
     print_verdicts(verdicts)
     return 0 if all(v.passed for v in verdicts) else 1
+
+
+class BenchMain(Protocol):
+    """A benchmark module's ``main``: its command line (``sys.argv`` if None) to an exit code."""
+
+    def __call__(self, argv: Sequence[str] | None = None) -> int: ...
+
+
+def bench_main(
+    name: str,
+    parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], Sequence[Verdict]],
+) -> BenchMain:
+    """A benchmark module's ``main(argv)``: ``run_bench`` with its parser and run."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_bench(name, parser(), run, argv)
+
+    return main
 
 
 def positive_int(text: str) -> int:

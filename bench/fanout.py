@@ -34,6 +34,7 @@ from bench.common import (
     Sim,
     Verdict,
     add_quiet_wait,
+    bench_main,
     bench_parser,
     caller_headers,
     gateway_config,
@@ -42,7 +43,6 @@ from bench.common import (
     need,
     percentile,
     print_table,
-    run_bench,
     start_gateway,
     start_redis,
     start_sim,
@@ -230,8 +230,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_bench(NAME, parser(), run, argv)
+main = bench_main(NAME, parser, run)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ from typing import Any
 
 from bench.common import (
     Verdict,
+    bench_main,
     bench_parser,
     caller_headers,
     machine_note,
     print_table,
-    run_bench,
 )
 from bench.fleet import Fleet, fleet, seed_tasks
 from tests.garbage_upstream import BROKEN
@@ -171,8 +171,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_bench(NAME, parser(), run, argv)
+main = bench_main(NAME, parser, run)
 
 
 if __name__ == "__main__":

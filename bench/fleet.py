@@ -39,6 +39,7 @@ from bench.common import (
 from tests.deployed import rss_mb
 from tests.garbage_upstream import GarbageProcess
 from tests.gunicorn_support import worker_pids
+from tests.support import redis_server_args
 
 __all__ = ["Fleet", "Redis", "fleet", "seed_tasks"]
 
@@ -61,8 +62,7 @@ class Redis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.dir)]
+        args = redis_server_args(self.binary, self.port, str(self.dir))
         self.proc = self.procs.start("redis-server", args, core=None)
         wait_redis(self.port, self.proc)
 

@@ -37,6 +37,7 @@ from bench.common import (
     add_quiet_wait,
     add_wrk_options,
     alternating,
+    bench_main,
     bench_parser,
     caller_headers,
     fetch_twice,
@@ -47,7 +48,6 @@ from bench.common import (
     print_round,
     print_table,
     ratios,
-    run_bench,
     start_gateway,
     start_nginx,
     start_redis,
@@ -231,8 +231,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_bench(NAME, parser(), run, argv)
+main = bench_main(NAME, parser, run)
 
 
 if __name__ == "__main__":

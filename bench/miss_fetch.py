@@ -47,6 +47,7 @@ from bench.common import (
     add_quiet_wait,
     add_wrk_options,
     alternating,
+    bench_main,
     bench_parser,
     caller_headers,
     gateway_config,
@@ -54,7 +55,6 @@ from bench.common import (
     median,
     need,
     print_table,
-    run_bench,
     run_wrk,
     start_bench_server,
     start_gateway,
@@ -293,8 +293,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_bench(NAME, parser(), run, argv)
+main = bench_main(NAME, parser, run)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 from bench.common import (
     Verdict,
+    bench_main,
     bench_parser,
     caller_headers,
     machine_note,
     percentile,
     print_table,
-    run_bench,
 )
 from bench.fleet import fleet, seed_tasks
 from tests.deployed import open_fds, rss_mb
@@ -176,8 +176,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_bench(NAME, parser(), run, argv)
+main = bench_main(NAME, parser, run)
 
 
 if __name__ == "__main__":

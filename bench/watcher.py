@@ -37,6 +37,7 @@ from bench.common import (
     Sim,
     Verdict,
     add_quiet_wait,
+    bench_main,
     bench_parser,
     caller_headers,
     gateway_config,
@@ -45,7 +46,6 @@ from bench.common import (
     percentile,
     positive_int,
     print_table,
-    run_bench,
     start_gateway,
     start_redis,
     start_sim,
@@ -263,8 +263,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_bench(NAME, parser(), run, argv)
+main = bench_main(NAME, parser, run)
 
 
 if __name__ == "__main__":

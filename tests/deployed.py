@@ -22,7 +22,7 @@ import httpx
 import orjson
 import yaml
 
-from tests.gunicorn_support import worker_pids
+from tests.gunicorn_support import stop_process, worker_pids
 from tests.support import free_port, wait_until
 
 __all__ = ["Deployed", "deployed_gunicorn", "open_fds", "rss_mb"]
@@ -103,13 +103,7 @@ class Deployed:
         self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, timeout_s=40)
 
 
 @contextmanager

@@ -38,9 +38,21 @@ __all__ = [
     "gateway_process",
     "hammer",
     "metric",
+    "stop_process",
     "worker_cpu_ticks",
     "worker_pids",
 ]
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it is still running after ``timeout_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 @dataclass
@@ -51,13 +63,7 @@ class GatewayProcess:
     stderr_path: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, timeout_s=15)
 
     def log_lines(self) -> list[dict[str, Any]]:
         """Every JSON object the gateway wrote to stdout so far (other lines are skipped)."""

@@ -58,6 +58,12 @@ def wait_until(check: Any, timeout_s: float = 10.0, what: str = "condition") -> 
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def redis_server_args(binary: str, port: int, directory: str) -> list[str]:
+    """redis-server on a loopback ``port`` without persistence, its files in ``directory``."""
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    return [*args, "--appendonly", "no", "--dir", directory]
+
+
 class RedisProcess:
     """A throwaway redis-server on a free loopback port, without persistence."""
 
@@ -75,8 +81,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", self.dir]
+        args = redis_server_args(self.binary, self.port, self.dir)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def ready() -> bool:
@@ -171,6 +176,18 @@ class SimProcess:
             "max_concurrency": 256,
             **overrides,
         }
+
+
+@contextmanager
+def faults_restored(sim: SimProcess, **faults: Any) -> Iterator[SimProcess]:
+    """``sim`` with ``faults`` set (if any); on the way out, the sim's defaults again (tasks
+    take 8 s, one in ten fails)."""
+    if faults:
+        sim.faults(**faults)
+    try:
+        yield sim
+    finally:
+        sim.faults(task_seconds=8.0, failure_rate=0.1)
 
 
 def standard_sims() -> list[SimProcess]:

@@ -31,6 +31,7 @@ from tests.support import (
     SimProcess,
     caller,
     config_data,
+    faults_restored,
     free_port,
     running_gateway,
     wait_until,
@@ -42,10 +43,8 @@ SECRET_KEY = "stream-secret-0123456789abcdef0123"
 
 @pytest.fixture
 def java(sims: list[SimProcess]) -> Iterator[SimProcess]:
-    sim = sims[0]
-    sim.faults(task_seconds=2, failure_rate=0)
-    yield sim
-    sim.faults(task_seconds=8.0, failure_rate=0.1)
+    with faults_restored(sims[0], task_seconds=2, failure_rate=0) as sim:
+        yield sim
 
 
 def submit(base_url: str) -> str:

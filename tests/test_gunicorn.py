@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.configfile import config_from_dict
 from gateway.master import bind_address
+from tests.gunicorn_support import stop_process
 from tests.redis_topologies import listen_port
 from tests.support import (
     CALLER_KEYS,
@@ -104,13 +105,7 @@ class Gunicorn:
         return served
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, timeout_s=40)
 
 
 def gunicorn_env(config_path: Path, **extra: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ from tests.support import (
     SimProcess,
     caller,
     config_data,
+    faults_restored,
     free_port,
     running_gateway,
     wait_until,
@@ -33,9 +34,8 @@ from tests.support import (
 
 @pytest.fixture
 def java(sims: list[SimProcess]) -> Iterator[SimProcess]:
-    sim = sims[0]
-    yield sim
-    sim.faults(task_seconds=8.0, failure_rate=0.1)
+    with faults_restored(sims[0]) as sim:
+        yield sim
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from tests.support import (
     SimProcess,
     caller,
     config_data,
+    faults_restored,
     running_gateway,
     wait_until,
 )
@@ -45,10 +46,8 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 @pytest.fixture
 def java(sims: list[SimProcess]) -> Iterator[SimProcess]:
     """The Java sim, its tasks finishing (always with SUCCESS) within a second and a half."""
-    sim = sims[0]
-    sim.faults(task_seconds=1.5, failure_rate=0)
-    yield sim
-    sim.faults(task_seconds=8.0, failure_rate=0.1)
+    with faults_restored(sims[0], task_seconds=1.5, failure_rate=0) as sim:
+        yield sim
 
 
 @pytest.fixture
