@@ -125,6 +125,9 @@ class TaskCache:
         self.l1: LRU[tuple[str, str], CachedTask] = LRU(
             config.l1_max_entries, config.l1_max_bytes, lambda entry: len(entry.body)
         )
+        # Finished tasks already counted here: one that cannot be cached (its image link
+        # expired) comes back from upstream on every fetch, and must not count again.
+        self._counted: LRU[tuple[str, str], bool] = LRU(config.l1_max_entries)
         # Told ``(upstream, task)`` of every fresh upstream answer (the ledger follows
         # statuses this way); they must not block.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -215,7 +218,9 @@ class TaskCache:
             links_expire = self.images.admit(upstream, task)
             task_id = task["id"]
             if task.get("status") in TERMINAL:
-                _count_finished(upstream, task)
+                if (upstream, task_id) not in self._counted:
+                    self._counted.set((upstream, task_id), True)
+                    _count_finished(upstream, task)
                 ttl_s = _ttl_until(links_expire, self.config, now_wall)
                 if ttl_s <= 0:
                     continue

@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from gateway.cache import TaskCache, image_expiry, terminal_ttl_s
 from gateway.config import CacheConfig, Config
@@ -161,6 +162,25 @@ def task_cache(store: Any = None, **settings: int) -> TaskCache:
 def finished(task_id: str, pad: int = 0, **fields: Any) -> tuple[str, dict[str, Any], bytes]:
     task = {"id": task_id, "status": "SUCCESS", "imageUrl": "", "pad": "x" * pad, **fields}
     return ("java", task, orjson.dumps(task))
+
+
+async def test_a_finished_task_that_cannot_be_cached_is_counted_finished_once() -> None:
+    """Its image link has expired, so every fetch brings it from upstream again: the
+    finished-tasks counter must not grow with each of them."""
+    cache = task_cache()
+    expired = finished(new_id(), imageUrl=signed_url(int(time.time()) - 60))
+
+    def count() -> float:
+        value = REGISTRY.get_sample_value(
+            "mjgate_tasks_finished_total", {"upstream": "java", "status": "SUCCESS"}
+        )
+        return value or 0.0
+
+    before = count()
+    for _ in range(3):
+        await cache.put_tasks([expired])
+    assert count() == before + 1
+    assert cache.local("java", expired[1]["id"]) is None  # and it was never cached
 
 
 async def test_l1_is_bounded_by_entries_and_evicts_the_least_recently_used() -> None:
