@@ -28,6 +28,7 @@ import structlog
 
 from gateway.config import ClientConfig
 from gateway.errors import StoreError
+from gateway.lru import LRU
 from gateway.protocol import TERMINAL
 from gateway.store import KeySpace, Store
 from gateway.webhooks import Deliveries
@@ -48,6 +49,7 @@ LOG_TTL_MS = 2 * 86_400_000
 CHANNEL = "task-events"
 EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _APPEND_BATCH = 32
+_LOGGED_ENTRIES = 100_000  # tasks whose last logged state a worker remembers
 _RESUBSCRIBE_S = 1.0
 # Statuses in the order a task moves through them; a terminal status ranks highest.
 _RANK = {"NOT_START": 0, "SUBMITTED": 1, "MODAL": 1, "IN_PROGRESS": 2}
@@ -98,15 +100,22 @@ class TaskEvents:
         self.channel = keys.channel(CHANNEL)
         self._spawn = spawn
         self._seen: list[tuple[dict[str, Any], bytes]] = []
+        # The last state this worker logged per task: a running task polled again and again
+        # answers the same bytes, which need no store round trip to be found old news.
+        self._logged: LRU[str, bytes] = LRU(_LOGGED_ENTRIES)
 
     def saw(self, upstream: str, task: dict[str, Any]) -> None:
         """A fresh upstream answer (a task cache listener): recorded in the background,
         many at a time."""
-        if not isinstance(task.get("id"), str):
+        task_id = task.get("id")
+        if not isinstance(task_id, str):
+            return
+        body = orjson.dumps(task)
+        if self._logged.get(task_id) == body:
             return
         if not self._seen:
             self._spawn(self._flush())
-        self._seen.append((task, orjson.dumps(task)))
+        self._seen.append((task, body))
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let the rest of this batch of answers arrive
@@ -127,6 +136,8 @@ class TaskEvents:
         for start in range(0, len(states), _APPEND_BATCH):
             chunk = states[start : start + _APPEND_BATCH]
             previous += await asyncio.gather(*(self._append(t, body) for t, body in chunk))
+        for task, body in states:
+            self._logged.set(str(task["id"]), body)
         changed = [
             (t, body, p) for (t, body), p in zip(states, previous, strict=True) if p is not None
         ]

@@ -223,7 +223,7 @@ class OutboundCaps:
         """Lease slots from the store for as long as requests here wait for one (and
         ``ahead`` more the first time)."""
         try:
-            while waiting := sum(1 for w in self._waiters if not w.done()) + ahead:
+            while waiting := self._waiting() + ahead:
                 ahead = 0
                 want = min(MAX_SLOTS, waiting)
                 first, self._next_slot = self._next_slot, self._next_slot + want
@@ -243,6 +243,11 @@ class OutboundCaps:
                     await asyncio.sleep(_RETRY_S * random.uniform(1.0, 1.5))
         finally:
             self._leaser = None
+
+    def _waiting(self) -> int:
+        """Requests waiting for a slot; those that gave up leave the queue."""
+        self._waiters = deque(w for w in self._waiters if not w.done())
+        return len(self._waiters)
 
     def _give(self, slot: Slot, now: float) -> None:
         """A free slot: to the first request still waiting, else idle."""

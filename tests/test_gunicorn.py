@@ -354,11 +354,13 @@ def test_an_owner_learned_by_one_worker_routes_the_other(
     other = next(pid for pid in two_workers.booted_pids() if pid != submitter)
     between = two_workers.served_by_pid()
     sent = 0
+    caches: list[str] = []
     for _ in range(10):
         responses = asyncio.run(
             send_many(two_workers.url, caller(), [f"/mj/task/{task_id}/fetch"] * 8)
         )
         sent += len(responses)
+        caches += [f"{r.headers.get('x-cache')}/{r.headers.get('x-cache-tier')}" for r in responses]
         assert all(r.status_code == 200 for r in responses)
         assert all(r.json()["id"] == task_id for r in responses)
         if settled(two_workers, between, sent).get(other, 0):
@@ -368,7 +370,7 @@ def test_an_owner_learned_by_one_worker_routes_the_other(
     assert {sim.name: int(sim.stats()["total"]) for sim in sims if sim is not owner} == (
         others_before
     )
-    assert owner.count("GET /mj/task/{id}/fetch") >= 1
+    assert owner.count("GET /mj/task/{id}/fetch") >= 1, (owner.stats()["requests"], caches)
 
 
 def test_a_caller_limit_admits_exactly_burst_over_both_workers(

@@ -53,9 +53,9 @@ async def _burst(url: str, requests: list[tuple[str, str, str, Any]]) -> list[ht
         )
 
 
-def _workers(answers: list[httpx.Response]) -> int:
-    """How many processes answered: a request id starts with its process's own prefix."""
-    return len({answer.headers["x-request-id"][:16] for answer in answers})
+def _workers(answers: list[httpx.Response]) -> set[str]:
+    """The processes that answered: a request id starts with its process's own prefix."""
+    return {answer.headers["x-request-id"][:16] for answer in answers}
 
 
 def test_a_hidden_task_stays_hidden_on_every_worker(fleet: GatewayProcess, sim: SimProcess) -> None:
@@ -71,7 +71,10 @@ def test_a_hidden_task_stays_hidden_on_every_worker(fleet: GatewayProcess, sim: 
     ]
     requests += [("bob", "POST", "/mj/task/list-by-ids", {"ids": [task_id]})] * 4
     requests += [("carol", "POST", "/mj/task/list-by-ids", {"ids": [task_id]})] * 4
-    for _ in range(2):  # the second round is answered from every worker's L1
+    workers: set[str] = set()
+    # From the second round on, answers come from the workers' L1. The kernel spreads the
+    # connections, so rounds go on (a few at most) until both workers have answered.
+    for round_number in range(6):
         answers = asyncio.run(_burst(fleet.url, requests))
         seen = Counter(
             (who, answer.status_code, answer.headers.get("x-cache-tier"))
@@ -83,7 +86,10 @@ def test_a_hidden_task_stays_hidden_on_every_worker(fleet: GatewayProcess, sim: 
         assert statuses == {("alice", 404), ("bob", 200), ("carol", 200)}, seen
         listed = [a.json() for (w, m, *_), a in zip(requests, answers, strict=True) if m == "POST"]
         assert all([t["id"] for t in rows] == [task_id] for rows in listed), listed
-        assert _workers(answers) == 2
+        workers |= _workers(answers)
+        if round_number >= 1 and len(workers) == 2:
+            break
+    assert len(workers) == 2
     assert seen[("bob", 200, "l1")] > 0 and seen[("alice", 404, "upstream")] == 12
 
 
@@ -101,7 +107,7 @@ def test_a_quota_is_exact_under_fifty_concurrent_submits(
     refused = [a.json()["quota"] for a in answers if a.status_code == 429]
     assert {(q["name"], q["limit"]) for q in refused} == {("submits_per_day", QUOTA)}
     assert submits(sim) == QUOTA
-    assert _workers(answers) == 2
+    assert len(_workers(answers)) == 2
     with httpx.Client(base_url=fleet.url, headers={"mj-api-secret": KEYS["ops"]}) as ops:
         rows = ops.get("/admin/usage", params={"client": "carol"}).json()["rows"]
     assert [row["submitted"] for row in rows] == [QUOTA]

@@ -159,14 +159,14 @@ def test_nothing_but_a_read_is_on_a_miss_path(
     with gateway_client(config) as http:
         for task_id in ids:
             fetch(http, task_id)  # owners learned, leases taken
-        raw.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+        raw.client_pause(1000, all=False)  # writes only
         try:
             for task_id in ids[:3]:
                 began = time.monotonic()
                 assert fetch(http, task_id).headers["x-cache"] == "MISS"
                 assert time.monotonic() - began < 0.2
         finally:
-            raw.execute_command("CLIENT", "UNPAUSE")
+            raw.client_unpause()
 
 
 def test_a_list_reads_once_and_asks_each_upstream_once(
