@@ -740,8 +740,19 @@ def _components(config: Config) -> Schema:
         },
         "Purged": {
             "type": "object",
-            "required": ["purged"],
-            "properties": {"purged": {"type": "array", "items": _ref("TaskId")}},
+            "required": ["purged", "absent"],
+            "properties": {
+                "purged": {
+                    "description": "Ids the store held an answer for, now dropped.",
+                    "type": "array",
+                    "items": _ref("TaskId"),
+                },
+                "absent": {
+                    "description": "Ids it held nothing for (dropped from every tier too).",
+                    "type": "array",
+                    "items": _ref("TaskId"),
+                },
+            },
         },
         "Usage": {
             "type": "object",

@@ -1,4 +1,5 @@
-"""``mjgate cache purge``: drop task ids from the shared store, from outside the gateway."""
+"""Dropping task ids from every cache tier: ``purge_ids`` for the admin route, and
+``purge`` for ``mjgate cache purge`` from outside the gateway."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from gateway.owners import OwnerMap
 from gateway.store import KeySpace, RedisStore, Store
 from gateway.tasks import valid_task_id
 
-__all__ = ["Purged", "purge"]
+__all__ = ["Purged", "purge", "purge_ids"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,23 +30,35 @@ async def purge(config: Config, task_ids: Sequence[str]) -> Purged:
     for task_id in task_ids:
         if not valid_task_id(task_id):
             raise ValueError(f"not a task id: {task_id!r}")
-    ids = list(dict.fromkeys(task_ids))
     upstreams = [u.name for u in config.upstreams]
     store = RedisStore(config.redis)
     try:
         await store.ping()
         keys = KeySpace(config.redis.key_prefix)
-        held = await _held(store, keys, ids, upstreams)
         owners = OwnerMap(store, keys, config.cache.owner_ttl_s, 0)
         cache = TaskCache(store, keys, config.cache, owners)
-        # Every named id is deleted, held or not: one cached between the read above and this
-        # delete is dropped too (and reported absent), so no id survives the purge.
-        if not await cache.invalidate(ids, upstreams):
-            raise ValueError("the store refused or failed the delete; nothing was purged")
+        return await purge_ids(store, keys, cache, task_ids, upstreams)
     except StoreError as exc:
-        raise ValueError(f"cannot reach the store: {exc}") from None
+        raise ValueError(f"cannot reach the store, or it refused the delete: {exc}") from None
     finally:
         await store.close()
+
+
+async def purge_ids(
+    store: Store,
+    keys: KeySpace,
+    cache: TaskCache,
+    task_ids: Sequence[str],
+    upstreams: Sequence[str],
+) -> Purged:
+    """Delete every cached answer for these (valid) ids; say which the store held.
+    Raises StoreError when the store refused or failed the delete."""
+    ids = list(dict.fromkeys(task_ids))
+    held = await _held(store, keys, ids, upstreams)
+    # Every named id is deleted, held or not: one cached between the read above and this
+    # delete is dropped too (and reported absent), so no id survives the purge.
+    if not await cache.invalidate(ids, upstreams):
+        raise StoreError("the store refused or failed the delete")
     return Purged(purged=[i for i in ids if i in held], absent=[i for i in ids if i not in held])
 
 

@@ -7,7 +7,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import caller
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, StoreError
+from gateway.purge import purge_ids
 from gateway.routes.common import services
 from gateway.validation import read_ids
 
@@ -25,6 +26,11 @@ async def purge(request: Request) -> Response:
     require_admin(request)
     svc = services(request)
     ids = await read_ids(request, svc.config.server.max_body_bytes, svc.config.fanout.max_ids)
-    if not await svc.cache.invalidate(ids, [u.name for u in svc.pool.all]):
-        raise GatewayError(503, "the store failed the delete; dropped from this worker only")
-    return Response(orjson.dumps({"purged": ids}), media_type="application/json")
+    names = [u.name for u in svc.pool.all]
+    try:
+        done = await purge_ids(svc.store, svc.keys, svc.cache, ids, names)
+    except StoreError:
+        detail = "the store failed the delete; dropped from this worker only"
+        raise GatewayError(503, detail) from None
+    body = {"purged": done.purged, "absent": done.absent}
+    return Response(orjson.dumps(body), media_type="application/json")
