@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.sims_extra import FIRST, assert_error, client, config_for, submits
-from tests.support import SimProcess, free_port, running_gateway, wait_until
+from tests.sims_extra import FIRST, assert_error, client, config_for, submits, unique_id
+from tests.support import SimProcess, faults_restored, free_port, running_gateway, wait_until
 from tests.test_handlers import accepted
 
 
@@ -140,3 +140,19 @@ def test_a_rejected_gateway_key_with_nowhere_to_go_is_a_502(
     with running_gateway(config_for([scripted.entry()])) as gw, client(gw) as http:
         body = assert_error(http.post("/mj/submit/imagine", json={"prompt": "x"}), 502)
     assert "rejected the gateway's key" in body["description"]
+
+
+@pytest.mark.parametrize("status", [500, 502, 429])
+def test_a_task_action_failing_upstream_becomes_mjgates_json_error(
+    sims: list[SimProcess], status: int
+) -> None:
+    """Task actions (image-seed, cancel, ...) at an owner answering 5xx or 429: the caller gets
+    mjgate's JSON error with the request id, not the upstream's bare answer."""
+    java = sims[0]
+    task_id = unique_id()
+    java.seed(id=task_id, status="SUCCESS")
+    with running_gateway(config_for([java.upstream_config()])) as gw, client(gw) as http:
+        assert http.get(f"/mj/task/{task_id}/fetch").status_code == 200  # the owner is known
+        with faults_restored(java, error_rate=1.0, error_status=status):
+            body = assert_error(http.get(f"/mj/task/{task_id}/image-seed"), 502)
+    assert f"answered HTTP {status}" in body["description"]

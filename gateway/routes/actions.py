@@ -15,7 +15,7 @@ from gateway.errors import GatewayError, UpstreamError, UpstreamFailures
 from gateway.routes.common import allowed, forward, services
 from gateway.services import Services
 from gateway.tasks import is_not_found
-from gateway.upstreams import call
+from gateway.upstreams import call, failed_answer
 from gateway.validation import NAME_SEGMENT, read_json_object, require_task_id
 
 __all__ = ["passthrough", "task_action"]
@@ -49,6 +49,8 @@ async def task_action(mode: str, request: Request) -> Response:
     finally:
         if action in CHANGES_TASK:
             await _invalidate(svc, task_id)
+    if error := failed_answer(response):
+        raise UpstreamFailures([error])  # mjgate's 502 JSON, never an upstream's bare 5xx
     if is_not_found(response.status, response.content):
         raise GatewayError(404, f"task {task_id} not found")
     return forward(response)
