@@ -4,8 +4,9 @@
 ``GET /mj/task/{id}/fetch``: it checks the caller's bearer key, forwards the request with one
 pooled aiohttp session to the upstream (``mj-api-secret`` auth) and answers the upstream's
 status, content type and bytes, under the same uvicorn settings as ``gateway.server``
-(uvloop, httptools, no access log, 75 s keep-alive). No cache, no owner lookup, no limits,
-no metrics, no log line: whatever the gateway does on a miss is paid on top of this.
+(uvloop, httptools, no access log, no proxy headers, 75 s keep-alive). No cache, no owner
+lookup, no limits, no metrics, no log line: whatever the gateway does on a miss is paid on
+top of this.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 ``python -m bench.baseline_app --port P --body-file F`` serves ``GET /mj/task/{id}/fetch``
 with the file's bytes, under the same uvicorn settings as ``gateway.server`` (uvloop,
-httptools, no access log, lifespan on, 75 s keep-alive): no auth, no cache lookup, no log
-line. Whatever the gateway does on a cached fetch is paid on top of this.
+httptools, no access log, no proxy headers, lifespan on, 75 s keep-alive): no auth, no cache
+lookup, no log line. Whatever the gateway does on a cached fetch is paid on top of this.
 """
 
 from __future__ import annotations

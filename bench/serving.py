@@ -1,6 +1,7 @@
 """What the bench's reference servers share: their command line's ``--host``/``--port`` and
-the uvicorn settings of ``gateway.server`` (uvloop, httptools, no access log, lifespan on,
-75 s keep-alive), so a ratio against them measures the gateway's code, not its server."""
+the uvicorn settings of ``gateway.server`` (uvloop, httptools, no access log, no proxy
+headers, lifespan on, 75 s keep-alive), so a ratio against them measures the gateway's code,
+not its server."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def serve(app: Starlette, host: str, port: int) -> None:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        proxy_headers=False,
         log_level="warning",
         lifespan="on",
         timeout_keep_alive=75,

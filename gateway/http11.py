@@ -22,6 +22,7 @@ app's modules, whose metrics would be created in the master.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from asyncio import TimerHandle
 from typing import Any, ClassVar
@@ -39,7 +40,11 @@ log = structlog.get_logger("mjgate.http")
 
 class BoundedHttpTools(HttpToolsProtocol):
     """``HttpToolsProtocol`` with a bound on header bytes and on header time; the bounds come
-    from the subclass ``bounded_http`` makes."""
+    from the subclass ``bounded_http`` makes.
+
+    One timer per connection, not one per request: it fires every ``header_timeout_s`` at
+    most and checks the request in its headers then, if any (arming and cancelling a timer
+    on every request cost a cached fetch more than the check does)."""
 
     max_header_bytes: ClassVar[int]
     header_timeout_s: ClassVar[float]
@@ -48,14 +53,15 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._awaiting_headers = True  # between requests, or inside a request's headers
         self._begun = False  # the first byte of a request whose headers are not complete
+        self._headers_since: float | None = None  # when the wait for those headers began
         self._raw_bytes = 0  # read while awaiting headers
-        self._parsed_bytes = 0  # of the request line and header fields parsed so far
         self._timer: TimerHandle | None = None
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._arm_timer()
+        self._headers_since = self.loop.time()
+        self._timer = self.loop.call_later(self.header_timeout_s, self._check_header_time)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
@@ -77,25 +83,19 @@ class BoundedHttpTools(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._begun = True
-        self._parsed_bytes = 0
-        if self._timer is None:
-            self._arm_timer()
-
-    def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        self._parsed_bytes += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        super().on_header(name, value)
-        self._parsed_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        self._headers_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
         if self._refused:
             return
-        self._cancel_timer()
         self._awaiting_headers = self._begun = False
+        self._headers_since = None
         self._raw_bytes = 0
-        if self._parsed_bytes > self.max_header_bytes:
+        # Counted here once rather than in per-header callbacks: the raw count above may
+        # include a body or a pipelined request's bytes, this one is the headers' own.
+        size = len(self.url) + 4 * len(self.headers)  # ": " and CRLF
+        size += sum(map(len, itertools.chain.from_iterable(self.headers)))
+        if size > self.max_header_bytes:
             self._refuse(431, f"request headers are larger than {self.max_header_bytes} bytes")
             return
         super().on_headers_complete()
@@ -117,19 +117,21 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     # Bounds
 
-    def _arm_timer(self) -> None:
-        self._timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
-
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _header_timeout(self) -> None:
+    def _check_header_time(self) -> None:
         self._timer = None
         if self._refused or self.transport.is_closing():
             return
-        if self._begun:
+        waited = 0.0 if self._headers_since is None else self.loop.time() - self._headers_since
+        if waited < self.header_timeout_s:
+            self._timer = self.loop.call_later(
+                self.header_timeout_s - waited, self._check_header_time
+            )
+        elif self._begun:
             self._refuse(408, f"request headers did not arrive within {self.header_timeout_s:g} s")
         else:
             self.transport.close()  # connected, sent nothing: no request to answer

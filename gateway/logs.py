@@ -12,7 +12,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
@@ -30,6 +30,7 @@ __all__ = [
     "configure_logging",
     "fit_line",
     "flush_logs_every",
+    "log_access",
     "redact_credential_fields",
     "secrets_of",
 ]
@@ -108,13 +109,16 @@ class _Timestamp:
         self._prefix = ""
 
     def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+        event["timestamp"] = self.now()
+        return event
+
+    def now(self) -> str:
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
-        return event
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
 
 
 def _mask_nested(value: Any) -> Any:
@@ -302,9 +306,46 @@ async def flush_logs_every(interval_s: float) -> None:
         _flush_all()
 
 
+class _JSONAccessLine:
+    """The access line in JSON, the same bytes structlog's chain renders for
+    ``access_log.info("request", **fields)``, without the chain: its fields are the gateway's
+    own (no contextvars to merge, no exception, no field named like a credential), and the
+    chain was a third of a cached fetch's CPU. Secret values are still masked by the
+    renderer, since a caller chooses its request id."""
+
+    def __init__(self, render: RedactingJSONRenderer, out: LineWriter) -> None:
+        self._render = render
+        self._write = out.write_line
+        self._clock = _Timestamp()
+
+    def __call__(self, fields: dict[str, Any]) -> None:
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = self._clock.now()
+        self._write(self._render(None, "info", fields))
+
+
+def _structlog_access_line(fields: dict[str, Any]) -> None:
+    structlog.get_logger("mjgate.access").info("request", **fields)
+
+
+def _no_access_line(fields: dict[str, Any]) -> None:
+    pass
+
+
+_access_line: Callable[[dict[str, Any]], None] = _structlog_access_line
+
+
+def log_access(fields: dict[str, Any]) -> None:
+    """Log one request's access line (event ``request``, level info) with these fields, in
+    this order."""
+    _access_line(fields)
+
+
 def configure_logging(config: LoggingConfig, secrets: Iterable[str] = ()) -> None:
     """Set up structlog for the process: JSON lines (orjson) or colored console lines (for
     a terminal: an event with a traceback spans several lines), to standard output."""
+    global _access_line
     level = logging.getLevelNamesMapping()[config.level.upper()]
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -315,11 +356,16 @@ def configure_logging(config: LoggingConfig, secrets: Iterable[str] = ()) -> Non
     if config.format == "console":
         processors = [*shared, SecretRedactor(secrets), _console_renderer()]
         factory: Any = structlog.PrintLoggerFactory(sys.stdout)
+        _access_line = _structlog_access_line
     else:
         # Values are scrubbed once, in the rendered line: one regex pass per line instead
         # of one per field.
-        processors = [*shared, redact_credential_fields, RedactingJSONRenderer(secrets)]
+        renderer = RedactingJSONRenderer(secrets)
+        processors = [*shared, redact_credential_fields, renderer]
         factory = _LineLoggerFactory(_log_writer())
+        _access_line = _JSONAccessLine(renderer, _log_writer())
+    if level > logging.INFO:
+        _access_line = _no_access_line
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),

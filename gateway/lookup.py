@@ -38,7 +38,9 @@ __all__ = ["Answer", "ListResult", "TaskLookup"]
 Found = tuple[UpstreamResponse, dict[str, Any]]  # an upstream's answer and the task in it
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (a frozen __init__ costs a microsecond more, and a cached fetch makes one), but
+# treated as immutable: ``dataclasses.replace`` makes the variants.
+@dataclass(slots=True)
 class Answer:
     """A fetch's outcome: the task's bytes (``found``) or "no such task", and where from."""
 

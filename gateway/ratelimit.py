@@ -28,7 +28,8 @@ MAX_LEASE = 64
 LEASE_TTL_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs a microsecond more, on every request.
+@dataclass(slots=True)
 class Decision:
     allowed: bool
     limit: int
@@ -71,10 +72,20 @@ class CallerLimiter:
         self.keys = keys
         self.config = config
         self._leases: dict[str, _Lease] = {}
+        self._buckets: dict[tuple[str, str], tuple[str, Bucket]] = {}
         self._store_down = False
 
-    async def check(self, client: str, bucket_name: str, bucket: Bucket) -> Decision:
-        key = self.keys.caller_bucket(client, bucket_name)
+    async def admit(self, client: ClientConfig, path: str) -> Decision:
+        """Whether this caller may make one more request to ``path`` now."""
+        route = (client.name, route_class(path))
+        bucket = self._buckets.get(route)
+        if bucket is None:
+            limits = client.rate_limit or self.config.default
+            name, size = limits.for_class(route[1])
+            bucket = self._buckets[route] = (self.keys.caller_bucket(client.name, name), size)
+        return await self._check(*bucket)
+
+    async def _check(self, key: str, bucket: Bucket) -> Decision:
         now = time.monotonic()
         lease = self._leases.get(key)
         if lease is not None and lease.tokens > 0 and lease.expires_at > now:

@@ -44,6 +44,7 @@ class MjgateWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn-worker ships
         "loop": "uvloop",
         "http": "httptools",
         "access_log": False,
+        "proxy_headers": False,  # as gateway.server: nothing reads the caller's address
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -159,6 +159,34 @@ def test_an_idle_keep_alive_connection_is_not_a_slow_request(gateway: GatewayPro
             time.sleep(HEADER_TIMEOUT_S * 1.5)
 
 
+def test_slow_headers_of_a_later_request_count_from_that_request(gateway: GatewayProc) -> None:
+    """The header clock restarts with each request on a kept-alive connection: a request
+    begun half a timeout after the connection still has its whole timeout, and no more."""
+    with socket.create_connection(("127.0.0.1", port_of(gateway)), timeout=10) as sock:
+        sock.sendall(request_bytes("GET", "/healthz"))
+        assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
+        time.sleep(HEADER_TIMEOUT_S * 0.6)
+        began = time.monotonic()
+        sock.sendall(request_bytes("GET", "/mj/task/list", [KEY])[:-4])
+        reply = sock.recv(65536)
+        waited = time.monotonic() - began
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+    assert HEADER_TIMEOUT_S * 0.9 < waited < HEADER_TIMEOUT_S + 2
+
+
+def test_a_pipelined_request_over_the_header_bound_gets_431(gateway: GatewayProc) -> None:
+    """Two requests in one write: the second one's headers are measured on their own (the
+    refusal closes the connection at once, so the first may go unanswered)."""
+    first = request_bytes("GET", "/healthz")
+    second = request_bytes("GET", "/mj/task/list", [KEY, padding(MAX_HEADER_BYTES)])
+    received = b""
+    with socket.create_connection(("127.0.0.1", port_of(gateway)), timeout=10) as sock:
+        sock.sendall(first + second)
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert b"HTTP/1.1 431 " in received, received
+
+
 def read_answer(sock: socket.socket) -> bytes:
     """One whole answer with a ``Content-Length`` body, read from a kept-alive connection."""
     answer = b""

@@ -183,6 +183,47 @@ def test_console_format_redacts_too() -> None:
     assert "[redacted]" in result.stdout
 
 
+ACCESS_FIELDS = (
+    '{"request_id": "%s", "client": "alice", "method": "GET", "route": "/mj/task/{task_id}/fetch",'
+    ' "status": 200, "duration_ms": 0.25, "cache": "HIT", "cache_tier": "l1", "upstreams": [],'
+    ' "upstream_ms": 0.0}'
+)
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_access_line_is_the_line_the_structlog_chain_renders(fmt: str) -> None:
+    """``log_access`` skips structlog's chain for speed in JSON; its line must not differ
+    from ``info("request", **fields)`` but for the time, and still mask secret values."""
+    body = f"""
+        import json
+        from gateway.logs import log_access
+        log_access(json.loads({ACCESS_FIELDS % KEY!r}))
+        log.info("request", **json.loads({ACCESS_FIELDS % KEY!r}))
+        """
+    fast, chain = run_logging(fmt, "info", body).stdout.splitlines()
+    assert KEY not in fast and "[redacted]" in fast
+    if fmt == "console":
+        assert fast.split(" ", 2)[2] == chain.split(" ", 2)[2]  # after the time
+        return
+    fast_line, chain_line = json.loads(fast), json.loads(chain)
+    assert list(fast_line) == list(chain_line)
+    assert fast_line.pop("timestamp") <= chain_line.pop("timestamp")
+    assert fast_line == chain_line
+
+
+def test_the_access_line_follows_the_level() -> None:
+    body = f"""
+        import json
+        from gateway.logs import log_access
+        log_access(json.loads({ACCESS_FIELDS % "r-1"!r}))
+        log.warning("loud")
+        """
+    assert [
+        json.loads(line)["event"]
+        for line in run_logging("json", "warning", body).stdout.splitlines()
+    ] == ["loud"]
+
+
 # --- credential fields in JSON mode, in any letter case ------------------------------------
 
 

@@ -16,7 +16,6 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import structlog
 from starlette.requests import ClientDisconnect
@@ -25,23 +24,25 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import caller, missing_key_response, set_caller
-from gateway.config import ClientConfig
 from gateway.context import RequestInfo, attach, request_info
 from gateway.errors import GatewayError, error_response
 from gateway.images.signing import SIGNED_URL
+from gateway.logs import log_access
+from gateway.lookup import Answer
 from gateway.metrics import INFLIGHT, L1_HIT, observe_request
 from gateway.middleware.deadline import body_deadline
 from gateway.protocol import MODES, TASK_ID_PATTERN
-from gateway.ratelimit import Decision, refusal_response, route_class
+from gateway.ratelimit import refusal_response
 from gateway.routes import keyless
 from gateway.services import Services, services_of
 
-__all__ = ["FastAnswer", "GatewayMiddleware", "cached_fetch", "new_request_id", "request_id_of"]
+__all__ = ["GatewayMiddleware", "cached_fetch", "new_request_id", "request_id_of"]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _FETCH_PATH = re.compile(
     "(" + "|".join(re.escape(mode) for mode in MODES) + f")/mj/task/({TASK_ID_PATTERN})/fetch"
 )
+_FETCH_ROUTES = {mode: f"{mode}/mj/task/{{task_id}}/fetch" for mode in MODES}
 # Request ids: a random prefix per process and a counter; unique across workers, and far
 # cheaper than a uuid4 (one urandom call) per request.
 _ID_PREFIX = os.urandom(8).hex()
@@ -64,22 +65,11 @@ _TASK_ROUTES = frozenset(
 )
 _NO_BODY_METHODS = frozenset({"GET", "HEAD"})
 
-access_log = structlog.get_logger("mjgate.access")
 error_log = structlog.get_logger("mjgate.errors")
 
 
-@dataclass(frozen=True, slots=True)
-class FastAnswer:
-    """A complete answer the front layer may send without the app (a cached fetch)."""
-
-    body: bytes
-    route: str
-    cache: str
-    tier: str
-
-
-def cached_fetch(services: Services, scope: Scope) -> FastAnswer | None:
-    """A fetch this worker can answer from L1 alone: no I/O, no await."""
+def cached_fetch(services: Services, scope: Scope) -> tuple[Answer, str] | None:
+    """A fetch this worker can answer from L1 alone (no I/O, no await), and its route."""
     match = _FETCH_PATH.fullmatch(scope["path"])
     if match is None:
         return None
@@ -91,8 +81,7 @@ def cached_fetch(services: Services, scope: Scope) -> FastAnswer | None:
     answer = services.lookup.fetch_cached(match.group(2), pool.names(allowed))
     if answer is None or not answer.found:
         return None  # the route answers it, and counts the L1 miss
-    route = f"{match.group(1)}/mj/task/{{task_id}}/fetch"
-    return FastAnswer(answer.body, route, answer.cache, answer.tier)
+    return answer, _FETCH_ROUTES[match.group(1)]
 
 
 class GatewayMiddleware:
@@ -126,18 +115,19 @@ class GatewayMiddleware:
             elapsed = time.perf_counter() - started
             route = info.route or getattr(scope.get("route"), "path", "unmatched")
             observe_request(route, scope["method"], status, info.cache, elapsed)
-            access_log.info(
-                "request",
-                request_id=info.request_id,
-                client=info.client,
-                method=scope["method"],
-                route=route,
-                status=status,
-                duration_ms=round(elapsed * 1000, 3),
-                cache=info.cache,
-                cache_tier=info.tier,
-                upstreams=info.upstreams,
-                upstream_ms=round(info.upstream_ms, 3),
+            log_access(
+                {
+                    "request_id": info.request_id,
+                    "client": info.client,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "cache": info.cache,
+                    "cache_tier": info.tier,
+                    "upstreams": info.upstreams,
+                    "upstream_ms": round(info.upstream_ms, 3),
+                }
             )
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo) -> int:
@@ -163,15 +153,16 @@ class GatewayMiddleware:
         info.client = client.name
         # Decide the fast path before spending a token, so nothing is charged twice.
         fast = cached_fetch(services, scope) if scope["method"] == "GET" else None
-        decision = await self._limit(services, scope, client)
+        decision = await services.limiter.admit(client, scope["path"])
         limit_headers = decision.headers()
         if not decision.allowed:
             refusal = refusal_response(client, decision, info.request_id)
             return await self._refuse(scope, receive, send, info, refusal, limit_headers)
         if fast is not None:
             L1_HIT.inc()
-            info.route, info.cache, info.tier = fast.route, fast.cache, fast.tier
-            await _send_cached(send, fast.body, info, limit_headers)
+            answer, info.route = fast
+            info.cache, info.tier = answer.cache, answer.tier
+            await _send_cached(send, answer.body, info, limit_headers)
             return 200
         status = _Status()
         await self._app(
@@ -204,13 +195,6 @@ class GatewayMiddleware:
             if match is Match.PARTIAL and partial is None:
                 partial = route
         return str(getattr(partial, "path", "unmatched"))
-
-    @staticmethod
-    async def _limit(services: Services, scope: Scope, client: ClientConfig) -> Decision:
-        limiter = services.limiter
-        limits = client.rate_limit or limiter.config.default
-        name, bucket = limits.for_class(route_class(scope["path"]))
-        return await limiter.check(client.name, name, bucket)
 
     async def _app(
         self, scope: Scope, receive: Receive, send: Send, status: _Status | None = None
