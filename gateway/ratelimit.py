@@ -24,7 +24,7 @@ __all__ = ["CallerLimiter", "Decision", "refusal_response", "route_class"]
 
 log = structlog.get_logger("mjgate.ratelimit")
 
-MAX_LEASE = 64
+MAX_LEASE = 256
 LEASE_TTL_S = 1.0
 
 
