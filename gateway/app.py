@@ -19,10 +19,11 @@ from starlette.responses import Response
 from gateway.config import Config
 from gateway.configfile import load_config
 from gateway.context import request_info
-from gateway.errors import GatewayError, UpstreamError, UpstreamFailures, error_response
+from gateway.errors import GatewayError, error_response
 from gateway.logs import configure_logging, flush_logs_every, secrets_of
 from gateway.middleware import GatewayMiddleware, cors_middleware
 from gateway.routes import public_paths, route_table
+from gateway.routes.common import error_answer
 from gateway.services import STATE_KEY, open_services
 
 __all__ = ["create_app", "factory"]
@@ -63,16 +64,7 @@ def create_app(config: Config) -> Starlette:
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    if isinstance(exc, UpstreamError):
-        exc = UpstreamFailures([exc])
-    if isinstance(exc, UpstreamFailures):
-        for error in exc.errors:
-            log.warning(
-                "upstream_error", upstream=error.upstream, kind=error.kind, error=str(error)
-            )
-    return error_response(
-        exc.status, exc.description, request_info(request.scope).request_id, exc.headers
-    )
+    return error_answer(exc, request_info(request.scope).request_id)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

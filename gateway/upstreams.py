@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import aiohttp
 import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
 from prometheus_client import Counter, Histogram
 
 from gateway.circuit import CircuitBreaker
@@ -32,6 +31,7 @@ from gateway.errors import FailureKind, Saturated, UpstreamError, UpstreamFailur
 from gateway.lru import LRU
 from gateway.metrics import UPSTREAM_DURATION, UPSTREAM_REQUESTS
 from gateway.outbound import OutboundCaps
+from gateway.transport import AiohttpTransport
 
 __all__ = [
     "KEY_MASK",
@@ -134,8 +134,7 @@ class Upstream:
         self._secrets = tuple(sorted(forms, key=len, reverse=True))
         self._base_url = config.base_url.rstrip("/")
         timeout_s = config.timeout_s
-        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
-        self._extensions = {"timeout": timeout.as_dict()}
+        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
         self._counters: dict[tuple[str, str], Counter] = {}
         self._timers: dict[str, Histogram] = {}
         # Parsed once per path: httpx parses a URL given as text on every request, and a
@@ -148,8 +147,8 @@ class Upstream:
         return f"<Upstream {self.name}>"
 
     def _transport(self, fresh: bool) -> AiohttpTransport:
-        """httpx's aiohttp transport, called directly: the client's per-request machinery
-        (auth flows, cookies, redirects, hooks, header merging) buys nothing here."""
+        """An httpx transport over aiohttp, called directly: the client's per-request
+        machinery (auth flows, cookies, redirects, hooks, header merging) buys nothing here."""
         limit, tls = self.config.max_concurrency, _tls()
 
         def session() -> aiohttp.ClientSession:
@@ -162,7 +161,7 @@ class Upstream:
             single = aiohttp.TCPConnector(limit=limit, ssl=tls, force_close=True)
             return aiohttp.ClientSession(connector=single, trace_configs=[trace])
 
-        return AiohttpTransport(verify=tls, client=session)
+        return AiohttpTransport(session, self._timeout)
 
     async def request(
         self,
@@ -304,9 +303,7 @@ class Upstream:
             text = self._base_url + path if path.startswith("/") else f"{self._base_url}/{path}"
             url = httpx.URL(text)
             self._urls.set(path, url)
-        request = httpx.Request(
-            method, url, headers=headers, content=body, extensions=self._extensions
-        )
+        request = httpx.Request(method, url, headers=headers, content=body)
         response = await transport.handle_async_request(request)
         try:
             status = response.status_code

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         | {"images"}
         | {"watcher", "events", "push", "webhooks"},
     ),
-    ("upstream pool", {"upstreams", "outbound", "circuit"}),
+    ("upstream pool", {"upstreams", "outbound", "circuit", "transport"}),
     ("infrastructure", {"store", "streams", "buckets", "metrics", "logs", "lru", "records"}),
     ("foundation", {"config", "configfile", "weakkeys", "errors", "context", "protocol"}),
 ]

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
 from gateway.configfile import config_from_dict
+from tests.ledger_support import faults
 from tests.sims_extra import client, config_for
 from tests.support import (
     SimProcess,
@@ -395,3 +396,32 @@ def test_submit_codes_an_upstream_makes_up_do_not_grow_the_label_set() -> None:
         if sample.name == "mjgate_submits_total" and sample.labels["upstream"] == name
     }
     assert codes == {"1": 1, "23": 1, "other": 3, "none": 1}
+
+
+def test_the_in_flight_gauge_counts_what_the_app_is_answering(sims: list[SimProcess]) -> None:
+    """A fetch waiting on a slow upstream is in flight while it waits; L1 hits, refusals and
+    finished requests leave the gauge where it was."""
+    task_id = f"17{uuid.uuid4().int % 10**14:014d}"
+    sims[0].seed(id=task_id, status="SUCCESS")
+
+    def in_flight() -> float:
+        return REGISTRY.get_sample_value("mjgate_inflight_requests") or 0.0
+
+    with running_gateway(make_config(sims)) as gateway:
+        url = f"{gateway.url}/mj/task/{task_id}/fetch"
+        for _ in range(3):  # a miss, then L1 hits
+            assert httpx.get(url, headers=caller()).status_code == 200
+        assert httpx.get(url, headers={"mj-api-secret": "not-a-key"}).status_code == 401
+        idle = in_flight()
+        slow_id = f"17{uuid.uuid4().int % 10**14:014d}"
+        sims[0].seed(id=slow_id, status="SUCCESS")
+        with faults(sims[0], latency_ms=800):
+            slow = threading.Thread(
+                target=httpx.get,
+                args=(f"{gateway.url}/mj/task/{slow_id}/fetch",),
+                kwargs={"headers": caller(), "timeout": 10},
+            )
+            slow.start()
+            wait_until(lambda: in_flight() == idle + 1, what="the slow fetch in flight")
+            slow.join()
+        assert in_flight() == idle

@@ -1,9 +1,10 @@
 """The gateway's front layer: one pure ASGI middleware in front of the Starlette app.
 
-In order: request id, caller authentication, rate limit, then either the cached-fetch fast
-path or the app, and finally metrics and the one access-log line. One layer instead of one
-per concern: every layer re-wraps ``send`` and rebuilds header lists, and a cached fetch, the
-request the team makes most, is cheap enough for that to be a third of its cost.
+In order: request id, caller authentication, rate limit, then a task fetch's own path
+(``gateway.middleware.fetch``) or the app, and finally metrics and the one access-log line.
+One layer instead of one per concern: every layer re-wraps ``send`` and rebuilds header
+lists, and a cached fetch, the request the team makes most, is cheap enough for that to be a
+third of its cost.
 
 Requests refused here (400, 401, 429) are counted and logged under the template of the route
 they asked for, found only on those paths. ``X-Cache`` goes only on answers about tasks.
@@ -23,26 +24,30 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.auth import caller, missing_key_response, set_caller
+from gateway.auth import missing_key_response, set_caller
 from gateway.context import RequestInfo, attach, request_info
 from gateway.errors import GatewayError, error_response
 from gateway.images.signing import SIGNED_URL
 from gateway.logs import log_access
-from gateway.lookup import Answer
 from gateway.metrics import INFLIGHT, L1_HIT, observe_request
 from gateway.middleware.deadline import body_deadline
-from gateway.protocol import MODES, TASK_ID_PATTERN
+from gateway.middleware.fetch import (
+    FETCH_ROUTES,
+    body_headers,
+    cached_fetch,
+    direct_fetch,
+    fetch_target,
+    gateway_headers,
+    send_answer,
+)
+from gateway.protocol import MODES
 from gateway.ratelimit import refusal_response
 from gateway.routes import keyless
-from gateway.services import Services, services_of
+from gateway.services import services_of
 
-__all__ = ["GatewayMiddleware", "cached_fetch", "new_request_id", "request_id_of"]
+__all__ = ["GatewayMiddleware", "new_request_id", "request_id_of"]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-_FETCH_PATH = re.compile(
-    "(" + "|".join(re.escape(mode) for mode in MODES) + f")/mj/task/({TASK_ID_PATTERN})/fetch"
-)
-_FETCH_ROUTES = {mode: f"{mode}/mj/task/{{task_id}}/fetch" for mode in MODES}
 # Request ids: a random prefix per process and a counter; unique across workers, and far
 # cheaper than a uuid4 (one urandom call) per request.
 _ID_PREFIX = os.urandom(8).hex()
@@ -68,22 +73,6 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD"})
 error_log = structlog.get_logger("mjgate.errors")
 
 
-def cached_fetch(services: Services, scope: Scope) -> tuple[Answer, str] | None:
-    """A fetch this worker can answer from L1 alone (no I/O, no await), and its route."""
-    match = _FETCH_PATH.fullmatch(scope["path"])
-    if match is None:
-        return None
-    client = caller(scope)
-    if not services.visibility.known_visible(client, match.group(2)):
-        return None  # the route decides, answering an invisible task as an unknown one
-    pool = services.pool
-    allowed = pool.allowed(client.upstreams)
-    answer = services.lookup.fetch_cached(match.group(2), pool.names(allowed))
-    if answer is None or not answer.found:
-        return None  # the route answers it, and counts the L1 miss
-    return answer, _FETCH_ROUTES[match.group(1)]
-
-
 class GatewayMiddleware:
     """Request id, authentication, rate limit, the cached-fetch fast path, metrics and the
     access line, in one pure ASGI layer. Services come from the lifespan state."""
@@ -107,11 +96,9 @@ class GatewayMiddleware:
             return
         started = time.perf_counter()
         status = 500
-        INFLIGHT.inc()
         try:
             status = await self._serve(scope, receive, send, info)
         finally:
-            INFLIGHT.dec()
             elapsed = time.perf_counter() - started
             route = info.route or getattr(scope.get("route"), "path", "unmatched")
             observe_request(route, scope["method"], status, info.cache, elapsed)
@@ -152,18 +139,22 @@ class GatewayMiddleware:
         set_caller(scope, client)
         info.client = client.name
         # Decide the fast path before spending a token, so nothing is charged twice.
-        fast = cached_fetch(services, scope) if scope["method"] == "GET" else None
+        target = fetch_target(scope)
+        fast = None if target is None else cached_fetch(services, client, target[1])
         decision = await services.limiter.admit(client, scope["path"])
         limit_headers = decision.headers()
         if not decision.allowed:
             refusal = refusal_response(client, decision, info.request_id)
             return await self._refuse(scope, receive, send, info, refusal, limit_headers)
-        if fast is not None:
+        if target is not None:
+            info.route = FETCH_ROUTES[target[0]]
+            if fast is None:
+                info.headers = scope["headers"]
+                return await direct_fetch(services, client, target, info, send, limit_headers)
             L1_HIT.inc()
-            answer, info.route = fast
-            info.cache, info.tier = answer.cache, answer.tier
-            await _send_cached(send, answer.body, info, limit_headers)
-            return 200
+            info.cache, info.tier = fast.cache, fast.tier
+            head = body_headers(fast.body, fast.content_type)
+            return await send_answer(send, 200, fast.body, head, info, limit_headers)
         status = _Status()
         await self._app(
             scope, receive, _with_headers(send, scope, info, limit_headers, status), status
@@ -217,6 +208,11 @@ class GatewayMiddleware:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        # Only what the app answers is counted in flight: an L1 hit or a refusal is sent
+        # without giving the loop to anyone else, so no scrape could ever see it in flight.
+        counted = status is not None
+        if counted:
+            INFLIGHT.inc()
         try:
             await self.app(scope, receive, tracking_send)
         except ClientDisconnect:
@@ -229,6 +225,9 @@ class GatewayMiddleware:
                     500, "internal gateway error", request_info(scope).request_id
                 )
                 await response(scope, receive, send)
+        finally:
+            if counted:
+                INFLIGHT.dec()
 
 
 class _Status:
@@ -255,7 +254,7 @@ def _with_headers(
                 status.code = code
             if not _about_tasks(scope, code):
                 info.cache = "-"
-            message["headers"] = [*message.get("headers", ()), *_gateway_headers(info), *extra]
+            message["headers"] = [*message.get("headers", ()), *gateway_headers(info), *extra]
         await send(message)
 
     return wrapped
@@ -267,28 +266,6 @@ def _about_tasks(scope: Scope, status: int) -> bool:
     if getattr(scope.get("route"), "path", None) not in _TASK_ROUTES:
         return False
     return status < 400 or status == 404 or status >= 500
-
-
-def _gateway_headers(info: RequestInfo) -> list[tuple[bytes, bytes]]:
-    headers = [(b"x-request-id", info.request_id.encode())]
-    if info.cache != "-":
-        headers.append((b"x-cache", info.cache.encode()))
-    if info.tier != "-":
-        headers.append((b"x-cache-tier", info.tier.encode()))
-    return headers
-
-
-async def _send_cached(
-    send: Send, body: bytes, info: RequestInfo, extra: list[tuple[bytes, bytes]]
-) -> None:
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *_gateway_headers(info),
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def new_request_id() -> str:

@@ -15,8 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import caller
+from gateway.config import ClientConfig
 from gateway.context import RequestInfo, request_info
 from gateway.errors import GatewayError
+from gateway.lookup import Answer
 from gateway.metrics import PARTIAL_ANSWERS
 from gateway.query import MAX_DEPTH, RECENT_LIMIT, Merged, page_object, parse_query, sort_rows
 from gateway.routes.common import allowed, services
@@ -24,22 +26,31 @@ from gateway.services import Services
 from gateway.validation import read_ids, read_json_object, require_task_id
 from gateway.visibility import restricted
 
-__all__ = ["fetch", "list_by_ids", "query", "recent"]
+__all__ = ["fetch", "fetch_task", "list_by_ids", "query", "recent"]
 
 
 async def fetch(mode: str, request: Request) -> Response:
-    """``GET /mj/task/{id}/fetch``: one task, from cache or its owner."""
+    """``GET /mj/task/{id}/fetch``: one task, from cache or its owner. (A GET the front
+    layer sees runs ``fetch_task`` itself, without the router: this serves HEAD.)"""
     task_id = require_task_id(request.path_params["task_id"])
     info = request_info(request.scope)
-    svc = services(request)
-    if not await svc.visibility.check(caller(request.scope), task_id):
+    answer = await fetch_task(services(request), caller(request.scope), mode, task_id, info)
+    return Response(answer.body, answer.status, headers={"content-type": answer.content_type})
+
+
+async def fetch_task(
+    svc: Services, client: ClientConfig, mode: str, task_id: str, info: RequestInfo
+) -> Answer:
+    """The task's answer for this caller; GatewayError 404 for a task it may not see or
+    that no upstream knows."""
+    if not await svc.visibility.check(client, task_id):
         info.tier = "upstream"  # as an unknown id's answer says
         raise GatewayError(404, f"task {task_id} not found")
-    answer = await svc.lookup.fetch(mode, task_id, allowed(request), info)
+    answer = await svc.lookup.fetch(mode, task_id, svc.pool.allowed(client.upstreams), info)
     info.cache, info.tier = answer.cache, answer.tier
     if not answer.found:
         raise GatewayError(404, f"task {task_id} not found")
-    return Response(answer.body, answer.status, headers={"content-type": answer.content_type})
+    return answer
 
 
 async def list_by_ids(mode: str, request: Request) -> Response:
