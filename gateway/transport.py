@@ -4,8 +4,8 @@ httpx-aiohttp's transport does this job for any caller; on a poll, its generalit
 a fifth of the gateway's CPU: it prints each URL to text for aiohttp to parse again, decodes
 every header twice, builds a timeout object per request and wraps the body in two streams.
 This one serves ``gateway.upstreams`` alone, whose requests carry their body as bytes and no
-per-request timeout (the caller bounds the whole exchange): each URL object is parsed for
-aiohttp once, the timeouts are built once, and aiohttp's errors reach the caller as they are
+per-request timeout (the caller bounds the whole exchange): each URL is parsed for aiohttp
+once, the timeouts are built once, and aiohttp's errors reach the caller as they are
 (``gateway.upstreams`` classifies them by their aiohttp type).
 """
 
@@ -34,8 +34,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._timeout = aiohttp.ClientTimeout(
             sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
         )
-        # By the identity of the httpx URL: the caller keeps one URL object per path.
-        self._urls: LRU[int, tuple[httpx.URL, yarl.URL]] = LRU(_PARSED_URLS)
+        # By the URL's text: an httpx request copies the URL object it is given, and
+        # printing it is far cheaper than parsing it again.
+        self._urls: LRU[str, yarl.URL] = LRU(_PARSED_URLS)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._session is None:
@@ -56,11 +57,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
 
     def _url(self, url: httpx.URL) -> yarl.URL:
-        known = self._urls.get(id(url))
-        if known is not None and known[0] is url:
-            return known[1]
-        parsed = yarl.URL(str(url), encoded=True)
-        self._urls.set(id(url), (url, parsed))
+        text = str(url)
+        parsed = self._urls.get(text)
+        if parsed is None:
+            parsed = yarl.URL(text, encoded=True)
+            self._urls.set(text, parsed)
         return parsed
 
     async def aclose(self) -> None:

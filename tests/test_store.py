@@ -146,6 +146,22 @@ async def test_concurrent_use(store: Store, prefix: str) -> None:
 # --- MemoryStore ---------------------------------------------------------------------------
 
 
+async def test_writes_queued_together_keep_each_ttl_and_if_absent(
+    store: Store, prefix: str
+) -> None:
+    """Writes behind the request path, queued in one batch: each keeps its own TTL, and an
+    ``if_absent`` write leaves a value already there alone."""
+    await put(store, f"{prefix}:held", b"old", 10_000)
+    store.write_later({f"{prefix}:short": b"s", f"{prefix}:long": b"l"}, 150)
+    store.write_later({f"{prefix}:long": b"L"}, 10_000)
+    store.write_later({f"{prefix}:held": b"new", f"{prefix}:fresh": b"f"}, 10_000, True)
+    await store.flush()
+    keys = [f"{prefix}:{name}" for name in ("short", "long", "held", "fresh")]
+    assert await store.mget(keys) == [b"s", b"L", b"old", b"f"]
+    await asyncio.sleep(0.3)
+    assert await store.mget(keys) == [None, b"L", b"old", b"f"]
+
+
 async def test_memory_store_keeps_at_most_max_keys_oldest_write_evicted_first() -> None:
     store = MemoryStore(max_keys=3)
     for key in "abc":
