@@ -3,7 +3,7 @@
 httpx-aiohttp's transport does this job for any caller; on a poll, its generality was about
 a fifth of the gateway's CPU: it prints each URL to text for aiohttp to parse again, decodes
 every header twice, builds a timeout object per request and wraps the body in two streams.
-This one serves ``gateway.upstreams`` alone, whose requests carry their body as bytes and no
+This one serves ``gateway.upstreams`` alone, whose requests carry their body in memory and no
 per-request timeout (the caller bounds the whole exchange): each URL is parsed for aiohttp
 once, the timeouts are built once, and aiohttp's errors reach the caller as they are
 (``gateway.upstreams`` classifies them by their aiohttp type).
@@ -46,7 +46,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             request.method,
             self._url(request.url),
             headers=headers,
-            data=request.content or None,
+            data=request.read() or None,
             allow_redirects=False,
             auto_decompress=False,
             compress=False,

@@ -303,7 +303,9 @@ class Upstream:
             text = self._base_url + path if path.startswith("/") else f"{self._base_url}/{path}"
             url = httpx.URL(text)
             self._urls.set(path, url)
-        request = httpx.Request(method, url, headers=headers, content=body)
+        # As a stream: httpx then adds no headers of its own (aiohttp sets Host and
+        # Content-Length), which spares rebuilding the header list on every request.
+        request = httpx.Request(method, url, headers=headers, stream=httpx.ByteStream(body or b""))
         response = await transport.handle_async_request(request)
         try:
             status = response.status_code
