@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -259,51 +260,48 @@ def mget_calls(client: redis.Redis) -> int:
     return int(stats["calls"])
 
 
+@pytest.fixture
+async def own_store(own_redis: RedisProcess) -> AsyncIterator[RedisStore]:
+    """A RedisStore on the test's own redis-server."""
+    store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
+    yield store
+    await store.close()
+
+
 async def test_concurrent_reads_of_one_worker_share_mget_round_trips(
-    own_redis: RedisProcess,
+    own_store: RedisStore, own_redis: RedisProcess
 ) -> None:
     """Fifty reads at once: each gets exactly its own keys' values, in its order, and they go
     out in a few MGETs (what queues while one is on the wire goes in the next), not fifty."""
-    store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
-    client = redis.Redis.from_url(own_redis.url)
-    try:
-        await store.set_many({f"k{n}": f"v{n}".encode() for n in range(100)}, 10_000)
+    await own_store.set_many({f"k{n}": f"v{n}".encode() for n in range(100)}, 10_000)
+    with redis.Redis.from_url(own_redis.url) as client:
         before = mget_calls(client)
         wanted = [[f"k{n}", f"k{n + 50}", "missing"] for n in range(50)]
-        answers = await asyncio.gather(*(store.mget(keys) for keys in wanted))
+        answers = await asyncio.gather(*(own_store.mget(keys) for keys in wanted))
         assert answers == [[f"v{n}".encode(), f"v{n + 50}".encode(), None] for n in range(50)]
         assert 1 <= mget_calls(client) - before <= 2
-    finally:
-        client.close()
-        await store.close()
 
 
 async def test_a_read_cancelled_while_queued_leaves_the_others_answered(
-    own_redis: RedisProcess,
+    own_store: RedisStore,
 ) -> None:
-    store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
-    try:
-        await store.set_many({"a": b"1", "b": b"2"}, 10_000)
-        first, cancelled, last = (asyncio.ensure_future(store.mget([k])) for k in "aab")
-        await asyncio.sleep(0)
-        cancelled.cancel()
-        assert await first == [b"1"] and await last == [b"2"]
-        assert cancelled.cancelled()
-    finally:
-        await store.close()
+    await own_store.set_many({"a": b"1", "b": b"2"}, 10_000)
+    first, cancelled, last = (asyncio.ensure_future(own_store.mget([k])) for k in "aab")
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    assert await first == [b"1"] and await last == [b"2"]
+    assert cancelled.cancelled()
 
 
-async def test_every_read_of_a_failed_batch_gets_the_store_error(own_redis: RedisProcess) -> None:
-    store = RedisStore(RedisConfig(url=Secret(own_redis.url)))
-    try:
-        await put(store, "k", b"v", 10_000)
-        own_redis.stop()
-        results = await asyncio.gather(
-            *(store.mget(["k", f"other{n}"]) for n in range(10)), return_exceptions=True
-        )
-        assert all(isinstance(result, StoreError) for result in results), results
-    finally:
-        await store.close()
+async def test_every_read_of_a_failed_batch_gets_the_store_error(
+    own_store: RedisStore, own_redis: RedisProcess
+) -> None:
+    await put(own_store, "k", b"v", 10_000)
+    own_redis.stop()
+    results = await asyncio.gather(
+        *(own_store.mget(["k", f"other{n}"]) for n in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(result, StoreError) for result in results), results
 
 
 async def test_store_error_does_not_show_the_redis_password(own_redis: RedisProcess) -> None:
