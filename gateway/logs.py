@@ -325,8 +325,11 @@ class _JSONAccessLine:
         self._write(self._render(None, "info", fields))
 
 
+_access_log = structlog.get_logger("mjgate.access")
+
+
 def _structlog_access_line(fields: dict[str, Any]) -> None:
-    structlog.get_logger("mjgate.access").info("request", **fields)
+    _access_log.info("request", **fields)
 
 
 def _no_access_line(fields: dict[str, Any]) -> None:

@@ -182,7 +182,12 @@ class Upstream:
         back fails fast as not sent.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        headers = [(k.encode(), v.encode()) for k, v in caller_headers if k in FORWARDED_HEADERS]
+        # Latin-1 both ways: the caller's bytes go on exactly as they came (``forwardable``).
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in caller_headers
+            if k in FORWARDED_HEADERS
+        ]
         headers += self._fixed_headers
         headers.append((b"x-request-id", request_id.encode()))
         if body is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "direct_fetch",
     "fetch_target",
     "gateway_headers",
+    "says_about_tasks",
     "send_answer",
 ]
 
@@ -104,12 +105,18 @@ async def send_answer(
 ) -> int:
     """Send a whole answer about a task (``head``: its own headers) with the gateway's
     headers; return its status."""
-    if 400 <= status < 500 and status != 404:
-        info.cache = "-"  # a refusal of the request itself says nothing about the task
+    if not says_about_tasks(status):
+        info.cache = "-"
     headers = [*head, *gateway_headers(info), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return status
+
+
+def says_about_tasks(status: int) -> bool:
+    """An answer of a task route says something about tasks unless it refuses the request
+    itself (a 4xx other than 404: bad input, too large, wrong method, too slow)."""
+    return status < 400 or status == 404 or status >= 500
 
 
 def gateway_headers(info: RequestInfo) -> list[tuple[bytes, bytes]]:

@@ -38,6 +38,7 @@ from gateway.middleware.fetch import (
     direct_fetch,
     fetch_target,
     gateway_headers,
+    says_about_tasks,
     send_answer,
 )
 from gateway.protocol import MODES
@@ -261,11 +262,9 @@ def _with_headers(
 
 
 def _about_tasks(scope: Scope, status: int) -> bool:
-    """An answer about tasks: a task route's answer that is not a refusal of the request
-    itself (a 4xx other than 404: bad input, too large, wrong method, too slow)."""
-    if getattr(scope.get("route"), "path", None) not in _TASK_ROUTES:
-        return False
-    return status < 400 or status == 404 or status >= 500
+    """An answer about tasks: a task route's answer that says something about them."""
+    on_task_route = getattr(scope.get("route"), "path", None) in _TASK_ROUTES
+    return on_task_route and says_about_tasks(status)
 
 
 def new_request_id() -> str:
