@@ -152,6 +152,10 @@ class RedactingJSONRenderer:
             line = fit_line(line, LINE_LIMIT - 1)
         return line
 
+    def finds_secret(self, data: bytes) -> bool:
+        """Whether a known secret occurs in ``data``."""
+        return self._pattern is not None and self._pattern.search(data) is not None
+
 
 # Values this short are left whole: cutting them would save less than the marker costs.
 _UNCUT_BYTES = 64
@@ -310,8 +314,9 @@ class _JSONAccessLine:
     """The access line in JSON, the same bytes structlog's chain renders for
     ``access_log.info("request", **fields)``, without the chain: its fields are the gateway's
     own (no contextvars to merge, no exception, no field named like a credential), and the
-    chain was a third of a cached fetch's CPU. Secret values are still masked by the
-    renderer, since a caller chooses its request id."""
+    chain was a third of a cached fetch's CPU. A caller chooses one of them, the request id:
+    when a secret occurs in it, the renderer masks the line as it masks any other (looking
+    in the id alone, not in the whole line, saves a cached fetch a microsecond or two)."""
 
     def __init__(self, render: RedactingJSONRenderer, out: LineWriter) -> None:
         self._render = render
@@ -322,7 +327,10 @@ class _JSONAccessLine:
         fields["event"] = "request"
         fields["level"] = "info"
         fields["timestamp"] = self._clock.now()
-        self._write(self._render(None, "info", fields))
+        if self._render.finds_secret(fields["request_id"].encode()):
+            self._write(self._render(None, "info", fields))
+        else:
+            self._write(orjson.dumps(fields))
 
 
 _access_log = structlog.get_logger("mjgate.access")

@@ -20,6 +20,7 @@ from gateway.cache import CachedTask, StoreView, TaskCache, encode_task
 from gateway.config import FanoutConfig
 from gateway.context import RequestInfo
 from gateway.errors import UpstreamError, UpstreamFailures
+from gateway.flights import Flights
 from gateway.metrics import COALESCED, FANOUT_WIDTH, L1_HIT, L1_MISS, STORE_HIT, STORE_MISS
 from gateway.owners import OwnerMap
 from gateway.tasks import is_not_found, parse_task, parse_task_list
@@ -74,7 +75,7 @@ class TaskLookup:
         self.owners = owners
         self.cache = cache
         self.fanout = fanout
-        self._flights: dict[tuple[str, frozenset[str]], asyncio.Task[Answer]] = {}
+        self._flights: Flights[tuple[str, frozenset[str]], Answer] = Flights()
 
     def fetch_cached(self, task_id: str, names: frozenset[str]) -> Answer | None:
         """The L1 answer when this process holds one: no I/O, no await."""
@@ -95,15 +96,13 @@ class TaskLookup:
         (L1_HIT if answer is not None and answer.tier == "l1" else L1_MISS).inc()
         if answer is not None:
             return answer
-        key = (task_id, names)
-        flight = self._flights.get(key)
-        if flight is not None:
-            COALESCED.inc()
-            return dataclasses.replace(await asyncio.shield(flight), cache="COALESCED")
-        flight = asyncio.create_task(self._fetch_uncached(mode, task_id, allowed, names, info))
-        self._flights[key] = flight
-        flight.add_done_callback(lambda _: self._flights.pop(key, None))
-        return await asyncio.shield(flight)
+        answer, shared = await self._flights.join(
+            (task_id, names), lambda: self._fetch_uncached(mode, task_id, allowed, names, info)
+        )
+        if not shared:
+            return answer
+        COALESCED.inc()
+        return dataclasses.replace(answer, cache="COALESCED")
 
     async def _fetch_uncached(
         self,

@@ -31,7 +31,7 @@ from gateway.errors import FailureKind, Saturated, UpstreamError, UpstreamFailur
 from gateway.lru import LRU
 from gateway.metrics import UPSTREAM_DURATION, UPSTREAM_REQUESTS
 from gateway.outbound import OutboundCaps
-from gateway.transport import AiohttpTransport
+from gateway.transport import AiohttpTransport, raw_body
 
 __all__ = [
     "KEY_MASK",
@@ -161,7 +161,7 @@ class Upstream:
             single = aiohttp.TCPConnector(limit=limit, ssl=tls, force_close=True)
             return aiohttp.ClientSession(connector=single, trace_configs=[trace])
 
-        return AiohttpTransport(session, self._timeout)
+        return AiohttpTransport(session, self._timeout, self.config.max_response_bytes)
 
     async def request(
         self,
@@ -267,10 +267,12 @@ class Upstream:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        status, content, content_type = await self._exchange(
-                            self._pooled if reads else self._fresh, method, path, headers, body
-                        )
+                    left_s = deadline - time.monotonic()
+                    if left_s <= 0:  # aiohttp reads a total timeout of 0 as none at all
+                        raise TimeoutError
+                    status, content, content_type = await self._exchange(
+                        self._pooled if reads else self._fresh, method, path, headers, body, left_s
+                    )
                     break
                 except _Broken as exc:
                     self.breaker.failure()
@@ -301,8 +303,10 @@ class Upstream:
         path: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes | None,
+        timeout_s: float,
     ) -> tuple[int, bytes, str]:
-        """Status, scrubbed body and content type of one HTTP exchange."""
+        """Status, scrubbed body and content type of one HTTP exchange, within
+        ``timeout_s``."""
         url = self._urls.get(path)
         if url is None:
             text = self._base_url + path if path.startswith("/") else f"{self._base_url}/{path}"
@@ -310,30 +314,32 @@ class Upstream:
             self._urls.set(path, url)
         # As a stream: httpx then adds no headers of its own (aiohttp sets Host and
         # Content-Length), which spares rebuilding the header list on every request.
-        request = httpx.Request(method, url, headers=headers, stream=httpx.ByteStream(body or b""))
+        request = httpx.Request(
+            method,
+            url,
+            headers=headers,
+            stream=httpx.ByteStream(body or b""),
+            extensions={"total_timeout": timeout_s},
+        )
         response = await transport.handle_async_request(request)
-        try:
-            status = response.status_code
-            if not 200 <= status <= 599:
-                raise _Broken(f"answered an invalid HTTP status ({status})")
-            content = await self._read(response)
-            content_type = _header(response, b"content-type") or "application/json"
-        finally:
-            # Closes the connection instead of pooling it when the body was left unread.
-            await response.aclose()
+        status = response.status_code
+        if not 200 <= status <= 599:
+            raise _Broken(f"answered an invalid HTTP status ({status})")
+        content = self._decoded(response)
+        content_type = _header(response, b"content-type") or "application/json"
         return status, self._scrub(content), self._scrub(content_type.encode()).decode()
 
-    async def _read(self, response: httpx.Response) -> bytes:
-        """The body, decompressed as it streams in; reading stops past the size cap, so an
-        endless or inflating answer costs at most the cap in memory."""
+    def _decoded(self, response: httpx.Response) -> bytes:
+        """The body, decompressed. The transport read at most one byte past the size cap,
+        and decompression stops there too, so an endless or inflating answer costs at most
+        twice the cap in memory."""
         cap = self.config.max_response_bytes
-        inflater = _Inflater(_header(response, b"content-encoding"))
-        body = bytearray()
-        async for chunk in response.aiter_raw():
-            body += inflater.feed(chunk, cap - len(body))
-            if len(body) > cap:
-                raise _Broken(f"answer larger than {cap} bytes")
-        return bytes(body)
+        body = raw_body(response)
+        if len(body) <= cap:
+            body = _inflated(body, _header(response, b"content-encoding"), cap)
+        if len(body) > cap:
+            raise _Broken(f"answer larger than {cap} bytes")
+        return body
 
     def _scrub(self, data: bytes) -> bytes:
         """Upstream bytes with every upstream key masked: one ``in`` per key, keys are few."""
@@ -346,26 +352,18 @@ class Upstream:
         await asyncio.gather(self._pooled.aclose(), self._fresh.aclose(), self.caps.aclose())
 
 
-class _Inflater:
-    """Undoes an answer's content-encoding without ever producing more than allowed."""
-
-    def __init__(self, encoding: str) -> None:
-        coding = encoding.strip().lower()
-        if coding in ("", "identity"):
-            self._zlib = None
-        elif coding in ("gzip", "x-gzip", "deflate"):
-            self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib framing
-        else:
-            raise _Broken("answered in a content-encoding it was not offered")
-
-    def feed(self, data: bytes, room: int) -> bytes:
-        """At most ``room + 1`` bytes: one past the room tells the answer is too large."""
-        if self._zlib is None:
-            return data
-        try:
-            return self._zlib.decompress(data, room + 1)
-        except zlib.error:
-            raise _Broken("answered a body that does not decompress") from None
+def _inflated(body: bytes, encoding: str, room: int) -> bytes:
+    """The body with its content-encoding undone, never more than ``room + 1`` bytes: one
+    past the room tells the answer is too large."""
+    coding = encoding.strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        raise _Broken("answered in a content-encoding it was not offered")
+    try:
+        return zlib.decompressobj(zlib.MAX_WBITS | 32).decompress(body, room + 1)  # gzip or zlib
+    except zlib.error:
+        raise _Broken("answered a body that does not decompress") from None
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """gateway/transport.py: httpx requests sent over one aiohttp session, against a real sim
-and real sockets: what is sent, what comes back (raw, not decompressed), connections
-pooled only when an answer was read whole, and aiohttp's own errors."""
+and real sockets: what is sent, what comes back (read, raw, not decompressed, cut past the
+size cap), connections pooled only when an answer was read whole, and aiohttp's own
+errors."""
 
 from __future__ import annotations
 
@@ -15,28 +16,22 @@ import httpx
 import orjson
 import pytest
 
-from gateway.transport import AiohttpTransport
+from gateway.transport import AiohttpTransport, raw_body
 from tests.support import SimProcess, free_port
 
 TIMEOUT = httpx.Timeout(5.0)
+CAP = 8 * 1024 * 1024
 
 
 @pytest.fixture
 async def transport() -> AsyncIterator[AiohttpTransport]:
-    http = AiohttpTransport(aiohttp.ClientSession, TIMEOUT)
+    http = AiohttpTransport(aiohttp.ClientSession, TIMEOUT, CAP)
     yield http
     await http.aclose()
 
 
 def task_id() -> str:
     return f"17{uuid.uuid4().int % 10**14:014d}"
-
-
-async def read(response: httpx.Response) -> bytes:
-    try:
-        return b"".join([chunk async for chunk in response.aiter_raw()])
-    finally:
-        await response.aclose()
 
 
 async def test_a_get_answers_the_upstreams_status_headers_and_bytes(
@@ -51,10 +46,9 @@ async def test_a_get_answers_the_upstreams_status_headers_and_bytes(
     response = await http.handle_async_request(httpx.Request("GET", url, headers=headers))
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
-    assert orjson.loads(await read(response))["id"] == tid
+    assert orjson.loads(raw_body(response))["id"] == tid
     denied = await http.handle_async_request(httpx.Request("GET", url))
     assert denied.status_code == 401
-    await read(denied)
 
 
 async def test_a_post_sends_its_body(transport: AiohttpTransport, sims: list[SimProcess]) -> None:
@@ -69,12 +63,13 @@ async def test_a_post_sends_its_body(transport: AiohttpTransport, sims: list[Sim
         content=orjson.dumps({"ids": [tid]}),
     )
     response = await http.handle_async_request(request)
-    assert [task["id"] for task in orjson.loads(await read(response))] == [tid]
+    assert [task["id"] for task in orjson.loads(raw_body(response))] == [tid]
 
 
-async def test_connections_are_pooled_when_read_whole_and_closed_when_not() -> None:
-    """A body read to its end leaves the connection to the pool; a large body left unread
-    closes it (it could never carry another answer)."""
+async def test_connections_are_pooled_when_read_whole_and_closed_when_cut() -> None:
+    """A body within the cap is read to its end and leaves the connection to the pool; a
+    longer one is cut one byte past the cap and closes it (it could never carry another
+    answer)."""
     body = b"x" * (4 * 1024 * 1024)
     connections = 0
 
@@ -91,19 +86,22 @@ async def test_connections_are_pooled_when_read_whole_and_closed_when_not() -> N
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     url = httpx.URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
-    http = AiohttpTransport(aiohttp.ClientSession, TIMEOUT)
+    whole = AiohttpTransport(aiohttp.ClientSession, TIMEOUT, len(body))
+    cut = AiohttpTransport(aiohttp.ClientSession, TIMEOUT, 1000)
     try:
         for _ in range(3):
-            assert len(
-                await read(await http.handle_async_request(httpx.Request("GET", url)))
-            ) == len(body)
+            response = await whole.handle_async_request(httpx.Request("GET", url))
+            assert raw_body(response) == body
         assert connections == 1
-        unread = await http.handle_async_request(httpx.Request("GET", url))
-        await unread.aclose()
-        await read(await http.handle_async_request(httpx.Request("GET", url)))
-        assert connections == 2
+        for expected in (2, 3):
+            response = await cut.handle_async_request(httpx.Request("GET", url))
+            assert raw_body(response) == body[:1001]
+            assert connections == expected
+        await whole.handle_async_request(httpx.Request("GET", url))
+        assert connections == 3
     finally:
-        await http.aclose()
+        await whole.aclose()
+        await cut.aclose()
         server.close()
 
 
@@ -120,10 +118,10 @@ async def test_an_encoded_answer_comes_back_raw() -> None:
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    http = AiohttpTransport(aiohttp.ClientSession, TIMEOUT)
+    http = AiohttpTransport(aiohttp.ClientSession, TIMEOUT, CAP)
     try:
         request = httpx.Request("GET", f"http://127.0.0.1:{port}/")
-        assert await read(await http.handle_async_request(request)) == body
+        assert raw_body(await http.handle_async_request(request)) == body
     finally:
         await http.aclose()
         server.close()
@@ -133,7 +131,7 @@ async def test_a_refused_connection_raises_aiohttps_own_error() -> None:
     port = free_port()
     with socket.socket() as sock:  # nothing listens on the port
         sock.bind(("127.0.0.1", port))
-    http = AiohttpTransport(aiohttp.ClientSession, TIMEOUT)
+    http = AiohttpTransport(aiohttp.ClientSession, TIMEOUT, CAP)
     try:
         with pytest.raises(aiohttp.ClientConnectorError):
             await http.handle_async_request(httpx.Request("GET", f"http://127.0.0.1:{port}/"))
