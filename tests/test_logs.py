@@ -17,7 +17,15 @@ import yaml
 from structlog.processors import JSONRenderer
 
 from gateway.configfile import config_from_dict
-from gateway.logs import LINE_LIMIT, SecretRedactor, fit_line, redact_credential_fields, secrets_of
+from gateway.logs import (
+    FILE_WRITE_BYTES,
+    LINE_LIMIT,
+    LineWriter,
+    SecretRedactor,
+    fit_line,
+    redact_credential_fields,
+    secrets_of,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "upstream-secret-key-4242"
@@ -356,6 +364,60 @@ def test_lines_of_two_processes_on_one_pipe_arrive_whole() -> None:
     lines = [json.loads(raw) for raw in received.splitlines()]
     for name in ("a", "b"):
         assert [line["n"] for line in lines if line["writer"] == name] == list(range(3000))
+
+
+def test_lines_of_two_processes_in_one_file_arrive_whole(tmp_path: Path) -> None:
+    """To a regular file the writes are up to FILE_WRITE_BYTES: Linux keeps each whole."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import structlog
+        from gateway.config import LoggingConfig
+        from gateway.logs import configure_logging
+
+        configure_logging(LoggingConfig(), [])
+        log = structlog.get_logger("mjgate.test")
+        for n in range(3000):
+            log.info("line", writer=sys.argv[1], n=n, pad="x" * (200 + n * 37 % 3800))
+        """
+    )
+    with (tmp_path / "out.log").open("wb") as shared:  # one file description, as with ">"
+        writers = [
+            subprocess.Popen([sys.executable, "-c", script, name], stdout=shared, cwd=ROOT)
+            for name in ("a", "b")
+        ]
+        assert [writer.wait(timeout=30) for writer in writers] == [0, 0]
+    lines = [json.loads(raw) for raw in (tmp_path / "out.log").read_bytes().splitlines()]
+    for name in ("a", "b"):
+        assert [line["n"] for line in lines if line["writer"] == name] == list(range(3000))
+
+
+@pytest.mark.parametrize("to", ["pipe", "file"])
+def test_lines_are_written_in_batches_that_fit_where_they_go(to: str, tmp_path: Path) -> None:
+    """Lines wait in the buffer until the next line would pass the batch size: PIPE_BUF for
+    a pipe, FILE_WRITE_BYTES for a regular file."""
+    if to == "pipe":
+        reader, fd = os.pipe()
+        os.set_blocking(reader, False)
+    else:
+        fd = os.open(tmp_path / "out.log", os.O_WRONLY | os.O_CREAT)
+
+    def written() -> int:
+        if to == "file":
+            return os.fstat(fd).st_size
+        try:
+            return len(os.read(reader, 1 << 20))
+        except BlockingIOError:
+            return 0
+
+    batch = LINE_LIMIT if to == "pipe" else FILE_WRITE_BYTES
+    writer = LineWriter(fd)
+    for _ in range(batch // 100):
+        writer.write_line(b"x" * 99)  # 100 bytes with its newline
+    assert written() == 0
+    writer.write_line(b"x" * 99)  # past the batch: the full batch goes out, this one waits
+    assert written() == batch // 100 * 100
+    os.close(fd)
 
 
 def test_a_line_longer_than_pipe_buf_is_cut_to_fit_keeping_its_ends() -> None:
