@@ -50,8 +50,7 @@ FANOUT_GRACE_S = 0.25
 
 # Caller headers worth passing on. Everything else is dropped, the caller's own credentials
 # and hop-by-hop headers included: an allow-list cannot leak a header nobody thought of.
-FORWARDED_HEADERS = frozenset({"accept-language", "user-agent"})
-_FORWARDED_RAW = frozenset(name.encode() for name in FORWARDED_HEADERS)
+FORWARDED_HEADERS = frozenset({b"accept-language", b"user-agent"})
 # POST routes that only read: sending one twice buys nothing twice.
 READ_ROUTES = frozenset({"list_by_ids", "query"})
 # What an upstream key is replaced with wherever an answer quotes it.
@@ -171,7 +170,7 @@ class Upstream:
         route: str,
         request_id: str,
         body: bytes | None = None,
-        caller_headers: Iterable[tuple[str, str]] = (),
+        caller_headers: Iterable[tuple[bytes, bytes]] = (),
         timeout_s: float | None = None,
     ) -> UpstreamResponse:
         """Send one request; raise UpstreamError when no usable HTTP answer came back.
@@ -182,12 +181,9 @@ class Upstream:
         back fails fast as not sent.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        # Latin-1 both ways: the caller's bytes go on exactly as they came (``forwardable``).
-        headers = [
-            (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in caller_headers
-            if k in FORWARDED_HEADERS
-        ]
+        # The caller's raw headers (ASGI's, lowercase names): the allowed ones go on exactly
+        # as they came.
+        headers = [(k, v) for k, v in caller_headers if k in FORWARDED_HEADERS]
         headers += self._fixed_headers
         headers.append((b"x-request-id", request_id.encode()))
         if body is not None:
@@ -442,15 +438,6 @@ def _header(response: httpx.Response, name: bytes) -> str:
     return ""
 
 
-def forwardable(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The caller's headers that may go upstream, from raw ASGI headers."""
-    return [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in raw
-        if name in _FORWARDED_RAW
-    ]
-
-
 class UpstreamPool:
     """All configured upstreams, in config order."""
 
@@ -518,7 +505,7 @@ async def call(
         route=route,
         request_id=info.request_id,
         body=body,
-        caller_headers=forwardable(info.headers),
+        caller_headers=info.headers,
         timeout_s=timeout_s,
     )
     info.upstream_ms += response.elapsed_s * 1000

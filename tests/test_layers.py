@@ -29,7 +29,10 @@ LAYERS: list[tuple[str, set[str]]] = [
         | {"watcher", "events", "push", "webhooks"},
     ),
     ("upstream pool", {"upstreams", "outbound", "circuit", "transport"}),
-    ("infrastructure", {"store", "streams", "buckets", "metrics", "logs", "lru", "records"}),
+    (
+        "infrastructure",
+        {"store", "streams", "buckets", "metrics", "logs", "lru", "flights", "records"},
+    ),
     ("foundation", {"config", "configfile", "weakkeys", "errors", "context", "protocol"}),
 ]
 LEVEL = {name: level for level, (_, names) in enumerate(LAYERS) for name in names}

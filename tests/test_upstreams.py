@@ -30,17 +30,17 @@ from tests.sims_extra import total
 from tests.support import CALLER_KEYS, SimProcess, free_port
 
 CALLER_HEADERS = [
-    ("authorization", f"Bearer {CALLER_KEYS['alice']}"),
-    ("mj-api-secret", CALLER_KEYS["alice"]),
-    ("cookie", "session=hop-marker"),
-    ("connection", "keep-alive, hop-marker"),
-    ("keep-alive", "timeout=5, hop-marker"),
-    ("te", "hop-marker"),
-    ("upgrade", "hop-marker"),
-    ("proxy-authorization", "Basic hop-marker"),
-    ("x-custom", "hop-marker"),
-    ("x-forwarded-for", "hop-marker"),
-    ("accept-language", "de-CH"),
+    (b"authorization", f"Bearer {CALLER_KEYS['alice']}".encode()),
+    (b"mj-api-secret", CALLER_KEYS["alice"].encode()),
+    (b"cookie", b"session=hop-marker"),
+    (b"connection", b"keep-alive, hop-marker"),
+    (b"keep-alive", b"timeout=5, hop-marker"),
+    (b"te", b"hop-marker"),
+    (b"upgrade", b"hop-marker"),
+    (b"proxy-authorization", b"Basic hop-marker"),
+    (b"x-custom", b"hop-marker"),
+    (b"x-forwarded-for", b"hop-marker"),
+    (b"accept-language", b"de-CH"),
 ]
 
 
