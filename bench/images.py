@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> list[Verdict]:
             "enabled": True,
             "allowed_hosts": ["127.0.0.1"],
             "dir": str(procs.workdir / "images"),
+            # As the caller's own limit: exercised, never refusing at the benchmark's rate.
+            "signed_rate_limit": config["clients"][0]["rate_limit"],
         }
         gateway = start_gateway(procs, "mjgate", config)
         signed = UrlSigner(SECRET_KEY, 86400, gateway.url).url(TASK_ID, None, time.time())

@@ -350,6 +350,9 @@ class ImagesConfig:
     max_bytes: int = 32 * 1024 * 1024  # one image, from its host
     timeout_s: float = 30.0  # one fetch from an image host, redirects included
     url_ttl_s: int = 86400  # signed URLs stay valid at least this long
+    # Every signed-URL request spends from this one bucket: images cost the upstreams
+    # nothing, so it only bounds a flood.
+    signed_rate_limit: RateLimit = RateLimit(rps=500, burst=1000)
     rehost: bool = False  # keep every finished task's image when it is first seen
     rewrite: bool = False  # task answers carry mjgate's signed image URL
     store: Literal["disk", "s3"] = "disk"

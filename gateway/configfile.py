@@ -414,9 +414,11 @@ class _Reader:
         return QuotaConfig() if default is None else QuotaConfig(default)
 
     def images(self, node: Any) -> ImagesConfig:
-        m = self.mapping(node, "images", (*_IMAGES, "s3"))
+        m = self.mapping(node, "images", (*_IMAGES, "s3", "signed_rate_limit"))
         s3 = self.section(m.get("s3"), "images.s3", S3Config, _S3)
-        return ImagesConfig(s3=s3, **self.fields(m, "images", _IMAGES))
+        images = ImagesConfig(s3=s3, **self.fields(m, "images", _IMAGES))
+        signed = self.limit(m.get("signed_rate_limit"), "images.signed_rate_limit")
+        return images if signed is None else dataclasses.replace(images, signed_rate_limit=signed)
 
     def check_images(self, config: Config) -> None:
         """What the image settings need from the rest of the config."""

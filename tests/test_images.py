@@ -197,6 +197,19 @@ def test_signed_urls_valid_expired_tampered_or_for_another_task(
     assert host.hits["/img/other.png"] == 0
 
 
+def test_signed_urls_share_the_bucket_the_config_gives_them(
+    sims: list[SimProcess], host: ImageHost, tmp_path: Path
+) -> None:
+    task_id = seeded(sims[0], host.add("bucket.png", png(8, 8, seed=5)))
+    limit = {"rps": 0.01, "burst": 3}
+    with running_gateway(gateway_config(sims, tmp_path, signed_rate_limit=limit)) as gateway:
+        answers = [httpx.get(gateway.url + signed(task_id)) for _ in range(4)]
+        keyed = get_image(gateway, f"/mj/image/{task_id}")
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert answers[0].headers["ratelimit-limit"] == "3"
+    assert keyed.status_code == 200  # a caller's key spends from its own bucket
+
+
 # --- visibility -----------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from gateway.images.fetch import ImageFetcher, ImageUnavailable, caps_key
 from gateway.images.hosts import HostPolicy, Refused
 from gateway.images.links import LinkRewriter, original_links
 from gateway.images.s3store import S3Store
-from gateway.images.signing import UrlSigner, signed_expiry
+from gateway.images.signing import UrlSigner, signed_expiry, signed_url_caller
 from gateway.lru import LRU
 from gateway.metrics import IMAGES_REHOSTED
 from gateway.upstreams import UpstreamPool
@@ -75,6 +75,7 @@ class ImageService:
             UrlSigner(secret, images.url_ttl_s, config.server.public_url) if secret else None
         )
         self.rewriter = LinkRewriter(self.signer) if images.rewrite and self.signer else None
+        self.signed_caller = signed_url_caller(images.signed_rate_limit)
         bases = [URL(upstream.config.base_url) for upstream in pool.all]
         self.policy = HostPolicy(images.allowed_hosts, [base.host for base in bases if base.host])
         caps = {

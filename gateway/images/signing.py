@@ -15,14 +15,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from gateway.config import ClientConfig, RateLimit
 
-__all__ = ["SIGNED_URL", "UrlSigner", "image_path", "signed_expiry"]
+__all__ = ["SIGNED_URL_CALLER", "UrlSigner", "image_path", "signed_expiry", "signed_url_caller"]
 
-# The caller of a request that presented a signed URL instead of a key. Images cost the
-# upstreams nothing, so one generous bucket for every signed URL only bounds a flood.
-SIGNED_URL = ClientConfig(
-    name="signed-url", key_sha256="", rate_limit=RateLimit(rps=500, burst=1000)
-)
-
+SIGNED_URL_CALLER = "signed-url"  # its name in logs, metrics and the ledger
 _PURPOSE = b"mjgate image url v1"
 _MAX_EXP_DIGITS = 12
 
@@ -75,3 +70,9 @@ def signed_expiry(url: str) -> int | None:
         return None
     values = parse_qs(parts.query).get("exp", [])
     return int(values[0]) if len(values) == 1 and values[0].isdigit() else None
+
+
+def signed_url_caller(limit: RateLimit) -> ClientConfig:
+    """The caller of every request that presents a signed URL instead of a key: one bucket
+    (``images.signed_rate_limit``) for them all."""
+    return ClientConfig(name=SIGNED_URL_CALLER, key_sha256="", rate_limit=limit)

@@ -27,7 +27,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.auth import missing_key_response, set_caller
 from gateway.context import RequestInfo, attach, request_info
 from gateway.errors import GatewayError, error_response
-from gateway.images.signing import SIGNED_URL
 from gateway.logs import log_access
 from gateway.metrics import INFLIGHT, L1_HIT, observe_request
 from gateway.middleware.deadline import body_deadline
@@ -127,7 +126,7 @@ class GatewayMiddleware:
             refusal = error_response(exc.status, exc.description, info.request_id)
             return await self._refuse(scope, receive, send, info, refusal, ())
         if client is None and services.images is not None and services.images.presigned(scope):
-            client = SIGNED_URL  # its route checks the signature instead of a key
+            client = services.images.signed_caller  # its route checks the signature
         if client is None and keyless(scope):
             # Its route checks a credential of its own (an upstream's push URL, a stream
             # token) and names the caller; no caller's limit applies before that.

@@ -21,7 +21,6 @@ from gateway.context import request_info
 from gateway.errors import GatewayError
 from gateway.images.links import source_link
 from gateway.images.service import ImageService, Served
-from gateway.images.signing import SIGNED_URL
 from gateway.metrics import IMAGE_BYTES, IMAGES_SERVED
 from gateway.protocol import TERMINAL
 from gateway.routes.common import allowed, services
@@ -42,7 +41,7 @@ async def image(request: Request) -> Response:
     task_id = require_task_id(request.path_params["task_id"])
     n = _index(request.path_params.get("n"))
     expires: int | None = None
-    if "sig" in request.query_params or caller(request.scope) is SIGNED_URL:
+    if "sig" in request.query_params or caller(request.scope) is images.signed_caller:
         expires = images.check_signature(task_id, n, request.query_params)
         upstreams: tuple[Upstream, ...] = svc.pool.all
     else:
