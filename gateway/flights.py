@@ -1,8 +1,8 @@
 """Single flight: concurrent callers asking for the same thing share one run of the work.
 
 The first caller with a key runs the work in its own task and the others wait for its
-outcome. A task per flight would cost every miss a task's creation and scheduling (a
-twentieth of a miss's CPU) to serve callers who are nearly always alone. The price is that
+outcome. A task per flight would cost every miss a task's creation, its scheduling and a
+shield (about 3% of a miss's CPU) to serve callers who are nearly always alone. The price is that
 the leader's cancellation ends the flight: its waiters then start it again themselves.
 """
 

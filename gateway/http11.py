@@ -31,7 +31,6 @@ from asyncio import TimerHandle
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
-from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,

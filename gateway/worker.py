@@ -42,7 +42,7 @@ DRAIN_S = 0.5
 # pass this count (700 by default). Fifty requests in flight hold more than that between
 # them, so the collector ran every few requests and cost a miss about 6% of its CPU
 # (12 us of 190); above the working set of the requests in flight, it runs once in
-# thousands of requests. CPython 3.14 raised its own default to 2000 for the same reason.
+# thousands of requests.
 GC_YOUNG_THRESHOLD = 10_000
 
 
