@@ -182,6 +182,10 @@ class OneWriteCycle(RequestResponseCycle):
     _hold: _HeadHold | None = None
 
     async def send(self, message: ASGISendEvent) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            # As uvicorn's send does first, but before the swap below: another task's write
+            # while this one waits (receive's "100 Continue") must not land in the hold.
+            await self.flow.drain()
         hold = self._hold
         if message["type"] == "http.response.start" and not self.response_started:
             hold = self._hold = _HeadHold(self.transport)
