@@ -15,14 +15,11 @@ worker has a queue of them); those callers connected, sent a request and get a r
 last process to close the socket resets them, so each worker takes its queue over first:
 it accepts what is waiting and serves it like any other connection, and closes the
 listener in the same step, leaving no await for a new connection to queue in.
-
-Once started, the server also tunes the garbage collector (``settle_heap``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import socket
 import sys
@@ -35,23 +32,13 @@ from uvicorn_worker import UvicornWorker
 from gateway.http11 import bounded_http
 from gateway.master import running_config
 
-__all__ = ["DRAIN_S", "GC_YOUNG_THRESHOLD", "DrainingServer", "MjgateWorker", "settle_heap"]
+__all__ = ["DRAIN_S", "DrainingServer", "MjgateWorker"]
 
 DRAIN_S = 0.5
-# CPython collects its young generation whenever the objects allocated and not yet freed
-# pass this count (700 by default). Fifty requests in flight hold more than that between
-# them, so the collector ran every few requests and cost a miss about 6% of its CPU
-# (12 us of 190); above the working set of the requests in flight, it runs once in
-# thousands of requests.
-GC_YOUNG_THRESHOLD = 10_000
 
 
 class DrainingServer(Server):
     """uvicorn's ``Server``, with a shutdown that loses no connection already made."""
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        settle_heap()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # The loop's servers close the sockets they were given; a duplicate keeps each
@@ -74,15 +61,6 @@ class DrainingServer(Server):
             config=self.config, server_state=self.server_state, app_state=self.lifespan.state
         )
         return protocol
-
-
-def settle_heap() -> None:
-    """Leave what start-up built out of every later collection (``gc.freeze``: modules,
-    config, services live as long as the process) and raise the young generation's
-    threshold to ``GC_YOUNG_THRESHOLD``."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _accept_waiting(listener: socket.socket) -> list[socket.socket]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from typing import Any
 
 import pytest
 
@@ -27,19 +28,21 @@ class Work:
         return f"run {run}"
 
 
-async def started(*tasks: asyncio.Task[object]) -> None:
+async def callers(flights: Flights[str, str], work: Work, count: int) -> list[asyncio.Task[Any]]:
+    """``count`` callers of one key, all started and waiting (the first one leads)."""
+    tasks = [asyncio.create_task(flights.join("task", work)) for _ in range(count)]
     await asyncio.sleep(0)
     assert not any(task.done() for task in tasks)
+    return tasks
 
 
 async def test_concurrent_callers_share_one_run() -> None:
     flights: Flights[str, str] = Flights()
     work = Work()
-    callers = [asyncio.create_task(flights.join("task", work)) for _ in range(5)]
-    await started(*callers)
+    five = await callers(flights, work, 5)
     assert len(flights) == 1
     work.release.set()
-    outcomes = await asyncio.gather(*callers)
+    outcomes = await asyncio.gather(*five)
     assert outcomes == [("run 1", False)] + [("run 1", True)] * 4
     assert work.runs == 1
     assert len(flights) == 0
@@ -60,10 +63,9 @@ async def test_every_caller_gets_the_error_and_it_is_not_logged_as_unretrieved(
     flights: Flights[str, str] = Flights()
     work = Work()
     work.error = RuntimeError("upstream down")
-    callers = [asyncio.create_task(flights.join("task", work)) for _ in range(3)]
-    await started(*callers)
+    three = await callers(flights, work, 3)
     work.release.set()
-    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    outcomes = await asyncio.gather(*three, return_exceptions=True)
     assert [str(outcome) for outcome in outcomes] == ["upstream down"] * 3
     # Alone in its flight, the error still reaches the caller, and nothing else.
     with pytest.raises(RuntimeError):
@@ -76,9 +78,7 @@ async def test_every_caller_gets_the_error_and_it_is_not_logged_as_unretrieved(
 async def test_a_cancelled_waiter_leaves_the_flight_to_the_others() -> None:
     flights: Flights[str, str] = Flights()
     work = Work()
-    leader = asyncio.create_task(flights.join("task", work))
-    waiters = [asyncio.create_task(flights.join("task", work)) for _ in range(2)]
-    await started(leader, *waiters)
+    leader, *waiters = await callers(flights, work, 3)
     waiters[0].cancel()
     await asyncio.sleep(0)
     work.release.set()
@@ -91,9 +91,7 @@ async def test_a_cancelled_waiter_leaves_the_flight_to_the_others() -> None:
 async def test_a_cancelled_leader_hands_the_flight_to_a_waiter() -> None:
     flights: Flights[str, str] = Flights()
     work = Work()
-    leader = asyncio.create_task(flights.join("task", work))
-    waiters = [asyncio.create_task(flights.join("task", work)) for _ in range(3)]
-    await started(leader, *waiters)
+    leader, *waiters = await callers(flights, work, 4)
     leader.cancel()
     for _ in range(3):
         await asyncio.sleep(0)

@@ -1,29 +1,17 @@
 """The server of ``mjgate serve`` and of each gunicorn worker: a shutdown that loses no
-connection already made, and a garbage collector tuned once started."""
+connection already made."""
 
 from __future__ import annotations
 
-import gc
 import socket
-from collections.abc import Iterator
 
-import pytest
 import uvloop
 from uvicorn import Config
 from uvicorn.server import Server
 
-from gateway.worker import GC_YOUNG_THRESHOLD, DrainingServer
+from gateway.worker import DrainingServer
 
 QUEUED = 20
-
-
-@pytest.fixture(autouse=True)
-def collector_restored() -> Iterator[None]:
-    """A started server tunes the process's collector: this test process's is put back."""
-    threshold = gc.get_threshold()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*threshold)
 
 
 async def hello(scope: dict[str, object], receive: object, send: object) -> None:
@@ -79,11 +67,3 @@ def test_uvicorns_own_shutdown_resets_them() -> None:
     """What the draining server is for: the same connections under uvicorn's ``Server``."""
     answers = answers_to_queued_connections(Server)
     assert answers.count("ConnectionResetError") == QUEUED, answers
-
-
-def test_a_started_server_collects_its_young_generation_less_often() -> None:
-    gc.unfreeze()
-    gc.set_threshold(700, 10, 10)
-    answers_to_queued_connections(DrainingServer)
-    assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
-    assert gc.get_freeze_count() > 0  # start-up's objects are out of every collection
