@@ -616,16 +616,17 @@ class RedisStore:
         once per batch instead of once per request)."""
         if not keys:
             return []
+        # This worker's writes still queued or on the wire, taken now: Redis may run the
+        # read before such a write and still answer it after the write is acknowledged.
+        unwritten = [self._unwritten.get(key) for key in keys] if self._unwritten else None
         future: asyncio.Future[list[bytes | None]] = asyncio.get_running_loop().create_future()
         self._reads.append((keys, future))
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_queued())
         found = await future
-        if self._unwritten:
-            for index, key in enumerate(keys):
-                unwritten = self._unwritten.get(key)
-                if unwritten is not None and (not unwritten[1] or found[index] is None):
-                    found[index] = unwritten[0]
+        for index, pending in enumerate(unwritten or ()):
+            if pending is not None and (not pending[1] or found[index] is None):
+                found[index] = pending[0]
         return found
 
     async def _read_queued(self) -> None:
